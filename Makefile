@@ -1,0 +1,31 @@
+# eightbit — every target sets up what it needs in .venv (only Python is assumed).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install test lint demo bench bench-quick gpu-check clean
+
+help:
+	@echo "make demo       train a small model with torch AdamW and eightbit AdamW8bit side by side"
+	@echo "make test       run the test suite (sets up .venv first)"
+	@echo "make lint       ruff"
+	@echo "make bench      benchmarks against torch.optim, bitsandbytes and torchao"
+	@echo "make gpu-check  on a machine with a GPU (no network): GPU tests and GPU benchmarks"
+
+$(STAMP): pyproject.toml requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
