@@ -19,7 +19,14 @@ from .blockwise import (
     num_blocks,
     quantize_blockwise,
 )
-from .codebook import CODEBOOK_NAMES, check_codebook, create_codebook, get_codebook
+from .codebook import (
+    CODEBOOK_NAMES,
+    check_codebook,
+    create_codebook,
+    get_codebook,
+    get_midpoints,
+    midpoints,
+)
 
 __all__ = [
     "CODEBOOK_NAMES",
@@ -30,6 +37,8 @@ __all__ = [
     "create_codebook",
     "dequantize_blockwise",
     "get_codebook",
+    "get_midpoints",
+    "midpoints",
     "num_blocks",
     "quantize_blockwise",
 ]

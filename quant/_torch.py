@@ -12,14 +12,11 @@ from collections.abc import Iterator
 
 import torch
 
+from .codebook import midpoints
+
 # 2^20 elements: the fp32 working copy, the scaled values and the int32 codes of one chunk take
 # about 12 MiB, whatever the size of the tensor being quantized.
 CHUNK_ELEMENTS = 1 << 20
-
-
-def midpoints(codebook: torch.Tensor) -> torch.Tensor:
-    """The 255 decision boundaries ``(c[i] + c[i+1]) / 2`` in fp32: the one table every backend uses."""
-    return (codebook[:-1] + codebook[1:]) * 0.5
 
 
 def chunks(numel: int, block_size: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
@@ -51,8 +48,8 @@ def quantize_segment(
     keep = torch.isfinite(absmax) & (absmax > 0)
     divisor = torch.where(keep, absmax, torch.ones_like(absmax))
     scaled = (rows / divisor[:, None]).masked_fill_(~keep[:, None], 0.0)
-    # The nearest code: the number of midpoints strictly below the value, so a tie goes to the
-    # lower index (searchsorted's left side counts the entries < value).
+    # The nearest code: the number of thresholds strictly below the value (searchsorted's left
+    # side counts the entries < value); see codebook.midpoints for why this is exact.
     codes = torch.searchsorted(mids, scaled.view(-1)[:n], out_int32=True).to(torch.uint8)
     absmax = torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, float("nan")))
     return codes, absmax
@@ -61,7 +58,7 @@ def quantize_segment(
 def dequantize_segment(
     codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """fp32 values ``codebook[codes] * absmax[block]`` of a 1-D segment starting on a block boundary."""
+    """fp32 ``codebook[codes] * absmax[block]`` of a 1-D segment that starts on a block boundary."""
     n = codes.numel()
     rows = _blocks(codebook[codes.long()], block_size)
     return (rows * absmax[:, None]).view(-1)[:n]

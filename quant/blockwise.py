@@ -7,9 +7,11 @@ last block may be partial). For block ``b`` and element ``i`` in it:
 
     a_b = \max_{i \in b} |x_i| \quad(\text{fp32}), \qquad
     y_i = x_i / a_b \quad(\text{IEEE fp32 division}), \qquad
-    q_i = \#\{\, j : m_j < y_i \,\}, \quad m_j = \tfrac{1}{2}(c_j + c_{j+1})
+    q_i = \#\{\, j : t_j < y_i \,\}
 
-so ``q_i`` is the index of the codebook value nearest to ``y_i``, a tie going to the lower index.
+with ``t_j`` the exact midpoint of codebook values ``c_j`` and ``c_{j+1}`` rounded down to fp32
+(:func:`~eightbit.quant.codebook.midpoints`), so ``q_i`` is exactly the index of the codebook
+value nearest to ``y_i``, a tie going to the lower index.
 Dequantization is :math:`\hat x_i = c_{q_i} \, a_b`. This is block-wise quantization as in
 Dettmers et al. 2022 (arXiv:2110.02861, section 2.1); the block bounds the effect of an outlier to
 its own ``block_size`` elements.
@@ -46,7 +48,7 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64, 4096
 
 
 def check_block_size(block_size: int) -> int:
-    """Return ``block_size`` if it is a power of two in [64, 4096]; raise ``ValueError`` otherwise."""
+    """Return ``block_size`` if it is a power of two in [64, 4096], else raise ``ValueError``."""
     if (
         isinstance(block_size, bool)
         or not isinstance(block_size, int)
@@ -154,7 +156,7 @@ class QuantizedTensor:
         )
 
     def to_dict(self) -> dict:
-        """Plain tensors and values, safe for ``torch.save`` and ``torch.load(weights_only=True)``."""
+        """Plain tensors and values: safe for ``torch.load(weights_only=True)``."""
         return {
             "codes": self.codes,
             "absmax": self.absmax,
@@ -165,7 +167,7 @@ class QuantizedTensor:
 
     @classmethod
     def from_dict(cls, state: dict) -> QuantizedTensor:
-        """Rebuild from :meth:`to_dict` output; raises ``ValueError`` for missing or mismatched parts."""
+        """Rebuild from :meth:`to_dict` output; ``ValueError`` for missing or mismatched parts."""
         missing = {"codes", "absmax", "codebook", "block_size", "dtype"} - set(state)
         if missing:
             raise ValueError(f"quantized tensor dict is missing {sorted(missing)}")
@@ -251,7 +253,8 @@ def quantize_blockwise(
     codebook = _resolve_codebook(codebook, x.device)
     if out is None:
         codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        absmax = torch.empty(num_blocks(x.numel(), block_size), dtype=torch.float32, device=x.device)
+        nb = num_blocks(x.numel(), block_size)
+        absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
     else:
         codes, absmax = out
         _check_parts(codes, absmax, codebook, block_size)

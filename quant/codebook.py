@@ -24,7 +24,14 @@ import functools
 
 import torch
 
-__all__ = ["CODEBOOK_NAMES", "create_codebook", "get_codebook", "check_codebook"]
+__all__ = [
+    "CODEBOOK_NAMES",
+    "check_codebook",
+    "create_codebook",
+    "get_codebook",
+    "get_midpoints",
+    "midpoints",
+]
 
 CODEBOOK_NAMES = ("dynamic", "linear", "normal")
 NUM_CODES = 256
@@ -66,7 +73,8 @@ def _normal(signed: bool) -> torch.Tensor:
         negative = -norm.ppf(torch.linspace(_NORMAL_OFFSET, 0.5, 128, dtype=torch.float64)[:-1])
         values = torch.tensor(sorted([*positive, 0.0, *negative]), dtype=torch.float64)
     else:
-        values = torch.tensor(norm.ppf(torch.linspace(0.5, _NORMAL_OFFSET, 256, dtype=torch.float64)))
+        levels = torch.linspace(0.5, _NORMAL_OFFSET, 256, dtype=torch.float64)
+        values = torch.tensor(norm.ppf(levels))
         values[0] = 0.0  # ppf(0.5) is 0 up to rounding; make it exact
     return (values / values.abs().max()).float()
 
@@ -122,8 +130,51 @@ def get_codebook(
     return _cached(name, bool(signed), device)
 
 
+def midpoints(codebook: torch.Tensor) -> torch.Tensor:
+    r"""The 255 decision thresholds of ``codebook``: every backend's one nearest-code table.
+
+    ``t_j`` is the exact midpoint :math:`(c_j + c_{j+1}) / 2` rounded *down* to fp32. For any
+    fp32 value ``y``, :math:`t_j < y` holds exactly when the exact midpoint is below ``y``, so
+
+    .. math:: q(y) = \#\{ j : t_j < y \}
+
+    is the index of the nearest codebook value, a tie going to the lower index, using fp32
+    comparisons only. (Midpoints computed in fp32 round to nearest and get about a quarter of
+    the dynamic map's thresholds wrong by one ulp.) The sum is exact in fp64 whenever
+    neighbouring values are within a factor 2^29 of each other or one of them is 0, which holds
+    for every codebook of :func:`create_codebook`.
+
+    Example:
+        >>> t = midpoints(create_codebook("linear", signed=True))
+        >>> t.shape, t[127].item() == 0.5 / 128
+        (torch.Size([255]), True)
+    """
+    wide = codebook.double()
+    exact = (wide[:-1] + wide[1:]) * 0.5
+    nearest = exact.float()
+    return torch.where(
+        nearest.double() > exact, torch.nextafter(nearest, torch.full_like(nearest, -1.0)), nearest
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_midpoints(name: str, signed: bool, device: torch.device) -> torch.Tensor:
+    return midpoints(_cached(name, signed, torch.device("cpu"))).to(device)
+
+
+def get_midpoints(
+    name: str = "dynamic", *, signed: bool = True, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The cached :func:`midpoints` of ``get_codebook(name, signed=signed, device=device)``."""
+    get_codebook(name, signed=signed, device=device)  # validates the name
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _cached_midpoints(name, bool(signed), device)
+
+
 def check_codebook(codebook: torch.Tensor, *, check_values: bool = True) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``codebook`` is 256 strictly increasing fp32 values.
+    """Raise ``ValueError``/``TypeError`` unless ``codebook`` is 256 increasing fp32 values.
 
     ``check_values=False`` checks only dtype and shape (no device synchronisation).
     """
