@@ -206,14 +206,15 @@ def _check_parts(
 def _resolve_codebook(codebook: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if codebook is None:
         return get_codebook("dynamic", signed=True, device=device)
-    # A user's codebook is checked in full; on an accelerator that costs one synchronisation,
-    # which is why the optimizers pass the cached codebooks of get_codebook instead.
-    check_codebook(codebook)
+    check_codebook(codebook, check_values=False)
     if codebook.device != device:
         raise ValueError(
             f"codebook is on {codebook.device} but the data is on {device}; "
             f"pass codebook.to({str(device)!r})"
         )
+    # A user's codebook is checked in full; on an accelerator that costs one synchronisation,
+    # which is why the optimizers use the cached codebooks of get_codebook instead.
+    check_codebook(codebook)
     return codebook
 
 
