@@ -72,8 +72,13 @@ def _check_input(x: torch.Tensor, what: str = "x") -> None:
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         kind = (
-            "complex" if x.is_complex() else "boolean" if x.dtype == torch.bool else
-            "integer" if not x.is_floating_point() else "unsupported floating"
+            "complex"
+            if x.is_complex()
+            else "boolean"
+            if x.dtype == torch.bool
+            else "integer"
+            if not x.is_floating_point()
+            else "unsupported floating"
         )
         raise TypeError(
             f"{what} has {kind} dtype {x.dtype}; blockwise quantization takes float32, float16 or "
@@ -328,4 +333,3 @@ def dequantize_blockwise(
     if codes.numel():
         _backend(codes.device).dequantize(codes.contiguous(), absmax, codebook, block_size, out)
     return out
-

@@ -1,4 +1,4 @@
-"""Packaging: the wheel's layout, a plain install that imports and quantizes, import cost, report."""
+"""Packaging: the wheel's layout, a plain install that works, import cost, the report."""
 
 import os
 import subprocess
@@ -21,8 +21,18 @@ def run(*args, **kwargs):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-        "-w", str(out), str(ROOT))
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(out),
+        str(ROOT),
+    )
     (path,) = out.glob("eightbit-*.whl")
     return path
 
@@ -33,12 +43,24 @@ def test_wheel_layout(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"eightbit"}, f"the wheel installs top-level {sorted(top - {'eightbit'})}"
     assert not top & FORBIDDEN_TOP_LEVEL
-    for module in ("quant/blockwise.py", "quant/cuda/__init__.py", "functional/__init__.py",
-                   "optim/__init__.py", "__main__.py"):
+    for module in (
+        "quant/blockwise.py",
+        "quant/cuda/__init__.py",
+        "functional/__init__.py",
+        "optim/__init__.py",
+        "__main__.py",
+    ):
         assert f"eightbit/{module}" in names
     kernels = [n for n in names if n.endswith((".cu", ".cuh"))]
-    sources = [p for p in ROOT.rglob("*.cu*") if ".venv" not in p.parts and p.suffix in (".cu", ".cuh")]
-    assert len(kernels) == len(sources), f"CUDA sources missing from the wheel: {kernels} vs {sources}"
+    layers = {"quant": ROOT / "quant", "functional": ROOT / "functional"}
+    sources = {
+        f"eightbit/{layer}/{p.relative_to(folder).as_posix()}"
+        for layer, folder in layers.items()
+        for p in folder.rglob("*")
+        if p.suffix in (".cu", ".cuh")
+    }
+    assert sources, "no CUDA sources found"
+    assert sources == set(kernels), f"CUDA sources missing from the wheel: {sources - set(kernels)}"
 
 
 @pytest.mark.slow
@@ -48,14 +70,16 @@ def test_plain_install_imports_and_quantizes(wheel, tmp_path):
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))
     py = venv / "bin" / "python"
-    site = Path(run(str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
+    site = Path(
+        run(str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip()
+    )
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     run(sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel))
     code = textwrap.dedent(
         """
         import sys, torch, eightbit
         from eightbit.quant import quantize_blockwise
-        assert "site-packages" in eightbit.__file__ and "/work/" not in eightbit.__file__.replace(sys.prefix, ""), eightbit.__file__
+        assert eightbit.__file__.startswith(sys.prefix), eightbit.__file__
         q = quantize_blockwise(torch.randn(1000))
         assert q.dequantize().shape == (1000,)
         import importlib.util
@@ -83,14 +107,27 @@ IMPORT_COST = textwrap.dedent(
 def test_import_is_cheap_and_never_imports_cupy():
     costs = []
     for _ in range(3):
-        cost, heavy = run(sys.executable, "-c", IMPORT_COST, cwd="/").stdout.split("\n")[0].split(" ")
+        cost, heavy = (
+            run(sys.executable, "-c", IMPORT_COST, cwd="/").stdout.split("\n")[0].split(" ")
+        )
         assert heavy == "", f"import eightbit imported {heavy}"
         costs.append(float(cost))
     assert min(costs) < 0.3, f"import eightbit costs {min(costs):.3f} s on top of import torch"
 
 
 def test_environment_report():
-    out = run(sys.executable, "-m", "eightbit", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout
-    for key in ("eightbit", "python", "torch", "numpy", "scipy", "cupy", "CPU tensors", "CUDA tensors"):
+    out = run(
+        sys.executable, "-m", "eightbit", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    ).stdout
+    for key in (
+        "eightbit",
+        "python",
+        "torch",
+        "numpy",
+        "scipy",
+        "cupy",
+        "CPU tensors",
+        "CUDA tensors",
+    ):
         assert any(line.startswith(key) for line in out.splitlines()), (key, out)
     assert "cuda device" in out and "none" in out

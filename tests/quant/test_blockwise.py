@@ -5,7 +5,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-
 from eightbit.quant import (
     QuantizedTensor,
     create_codebook,
@@ -44,7 +43,10 @@ def test_codes_equal_brute_force_argmin(dtype, block_size):
     q = quantize_blockwise(x, block_size=block_size)
     assert q.codes.shape == x.shape and q.absmax.shape == (4,)
     assert_matches_oracle(x, q, get_codebook(), block_size)
-    assert torch.equal(q.dequantize(dtype=torch.float32), oracle.dequantize(q.codes, q.absmax, get_codebook(), block_size))
+    assert torch.equal(
+        q.dequantize(dtype=torch.float32),
+        oracle.dequantize(q.codes, q.absmax, get_codebook(), block_size),
+    )
     assert q.dequantize().dtype == dtype
 
 
@@ -177,7 +179,9 @@ def test_dequantize_from_raw_parts():
     y = dequantize_blockwise(q.codes, q.absmax)
     assert torch.equal(y, q.dequantize())
     q2 = quantize_blockwise(x, block_size=64, codebook=create_codebook("linear"))
-    y2 = dequantize_blockwise(q2.codes, q2.absmax, block_size=64, codebook=create_codebook("linear"))
+    y2 = dequantize_blockwise(
+        q2.codes, q2.absmax, block_size=64, codebook=create_codebook("linear")
+    )
     assert torch.equal(y2, q2.dequantize())
 
 
@@ -231,7 +235,9 @@ def test_bad_block_sizes(block_size):
 
 def test_mismatched_parts():
     q = quantize_blockwise(torch.randn(1000), block_size=256)
-    with pytest.raises(ValueError, match="absmax has 4 blocks but 1000 codes at block_size 64 need 16"):
+    with pytest.raises(
+        ValueError, match="absmax has 4 blocks but 1000 codes at block_size 64 need 16"
+    ):
         dequantize_blockwise(q.codes, q.absmax, block_size=64)
     with pytest.raises(TypeError, match="codes must be a uint8 tensor"):
         dequantize_blockwise(q.codes.int(), q.absmax)
@@ -242,7 +248,9 @@ def test_mismatched_parts():
     with pytest.raises(TypeError, match="not both"):
         dequantize_blockwise(q, q.absmax)
     with pytest.raises(ValueError, match="out codes must be a contiguous uint8 tensor"):
-        quantize_blockwise(torch.randn(10, 10), out=(torch.empty(100, dtype=torch.uint8), torch.empty(1)))
+        quantize_blockwise(
+            torch.randn(10, 10), out=(torch.empty(100, dtype=torch.uint8), torch.empty(1))
+        )
     with pytest.raises(ValueError, match="out must be a contiguous tensor of shape"):
         dequantize_blockwise(q, out=torch.empty(999))
     with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):

@@ -6,7 +6,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-
 from eightbit.quant import (
     CODEBOOK_NAMES,
     check_codebook,
@@ -36,7 +35,7 @@ def test_dynamic_map_equals_bitsandbytes(signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_dynamic_map_structure(signed):
-    # Dettmers et al. 2022: decade 10^(i-6) holds 2^i (signed) or 2^(i+1) (unsigned) positive values.
+    # Dettmers et al. 2022: decade 10^(i-6) holds 2^i (signed) or 2^(i+1) (unsigned) values > 0.
     cb = create_codebook("dynamic", signed=signed).double()
     positive = cb[cb > 0]
     for i in range(6):
@@ -87,7 +86,9 @@ def test_get_codebook_is_cached_per_device():
     m = get_codebook("dynamic", signed=True, device="meta")
     assert m.device.type == "meta" and m is not a
     assert get_codebook("dynamic", signed=False) is not a
-    assert torch.equal(get_midpoints("linear", signed=False), midpoints(create_codebook("linear", signed=False)))
+    assert torch.equal(
+        get_midpoints("linear", signed=False), midpoints(create_codebook("linear", signed=False))
+    )
 
 
 def test_create_codebook_returns_a_fresh_copy():

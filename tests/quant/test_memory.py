@@ -32,7 +32,10 @@ def test_peak_memory_is_bounded_by_the_chunk():
     n = mib * 2**20 // 4
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(n=n, mib=mib)],
-        capture_output=True, text=True, check=True, timeout=300,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     ).stdout.split()
     quantize_growth, dequantize_growth = int(out[0]), int(out[1])
     # With the output buffers preallocated, both directions may only add chunk-sized temporaries

@@ -2,10 +2,9 @@
 
 import numpy as np
 import torch
+from eightbit.quant import get_codebook, quantize_blockwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from eightbit.quant import get_codebook, quantize_blockwise
 
 from . import oracle
 
@@ -22,14 +21,19 @@ def tensors(draw):
     spread = draw(st.floats(0, 10))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen, dtype=torch.float64)
-    x = x * 10.0 ** (exponent + spread * torch.rand(n, generator=gen, dtype=torch.float64) - spread / 2)
+    x = x * 10.0 ** (
+        exponent + spread * torch.rand(n, generator=gen, dtype=torch.float64) - spread / 2
+    )
     x[torch.rand(n, generator=gen) < draw(st.floats(0, 1))] = 0.0  # sprinkle zeros
     return x.to(dtype).reshape(shape)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(x=tensors(), block_size=st.sampled_from([64, 128, 256, 512, 1024, 2048, 4096]),
-       signed=st.booleans())
+@given(
+    x=tensors(),
+    block_size=st.sampled_from([64, 128, 256, 512, 1024, 2048, 4096]),
+    signed=st.booleans(),
+)
 def test_matches_oracle(x, block_size, signed):
     if not signed:
         x = x.abs()
@@ -40,9 +44,13 @@ def test_matches_oracle(x, block_size, signed):
     assert torch.allclose(q.absmax, absmax, rtol=0, atol=0, equal_nan=True)
     y = q.dequantize()
     assert y.dtype == x.dtype and y.shape == x.shape
-    torch.testing.assert_close(q.dequantize(dtype=torch.float32).reshape(-1),
-                               oracle.dequantize(q.codes, q.absmax, cb, block_size),
-                               rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        q.dequantize(dtype=torch.float32).reshape(-1),
+        oracle.dequantize(q.codes, q.absmax, cb, block_size),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+    )
     # Every element is within the codebook's covering radius of [-1, 1] (or [0, 1]) times its
     # block's scale: half the widest gap, or the distance from an end of the range to the
     # nearest code (the signed map has no -1).
