@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..quant import FLOAT_DTYPES, check_block_size, get_codebook, num_blocks
-from ..quant._torch import chunks, dequantize_segment, midpoints, quantize_segment
+from ..quant import FLOAT_DTYPES, check_block_size, get_codebook, get_midpoints, num_blocks
+from ..quant._torch import chunks, dequantize_segment, quantize_segment
 
 # fp32 states have no blocks, so their chunks may start anywhere.
 FP32_CHUNK_BLOCK = 1
@@ -69,8 +69,10 @@ def quantized_states(
                 f"{name} state is on {c.device}/{a.device} but the parameter is on {p.device}; "
                 "move the optimizer state to the parameter's device"
             )
-        codebook = get_codebook("dynamic", signed=signed, device=p.device)
-        out.append(Quantized(c, a, codebook, midpoints(codebook)))
+        out.append(Quantized(
+            c, a, get_codebook("dynamic", signed=signed, device=p.device),
+            get_midpoints("dynamic", signed=signed, device=p.device),
+        ))
     return out
 
 
