@@ -1,0 +1,245 @@
+"""Multi-tensor launches of the fused optimizer kernels: the table, the grid, the scalars.
+
+One launch updates every parameter of a (parameter dtype, gradient dtype) group, whatever their
+sizes (see eightbit_optim.cuh for the table layout). The table holds raw device pointers, so it
+is a pure function of the tensors' addresses and sizes: it is built once, copied to the device
+from pinned memory, and reused while the same tensors come back (the steady state of training,
+and a requirement of CUDA graph replay). Nothing here synchronises the host.
+
+This module does not import CuPy: it goes through the runtime of :mod:`eightbit.quant.cuda`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ...quant import check_block_size, get_codebook, num_blocks
+from ...quant.cuda import launch_shape
+from ...quant.cuda._runtime import check_tensor, cuda_device, get_kernel, grid_for
+
+KERNEL_DIR = Path(__file__).resolve().parent
+FIELDS = 12  # eightbit_optim.cuh kFields
+MAX_STATES = 3
+_TABLES_PER_DEVICE = 32
+
+
+@dataclasses.dataclass
+class Group:
+    """Parameters of one dtype pair on one device, as the kernel will see them."""
+
+    params: list = dataclasses.field(default_factory=list)  # contiguous parameters (or copies)
+    grads: list = dataclasses.field(default_factory=list)
+    states: list = dataclasses.field(default_factory=list)  # per param: MAX_STATES (codes, absmax)
+    steps: list = dataclasses.field(default_factory=list)
+    writebacks: list = dataclasses.field(default_factory=list)  # (original, contiguous copy)
+
+
+def group_params(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[tuple[Sequence[torch.Tensor] | None, Sequence[torch.Tensor] | None]],
+    steps: Sequence[torch.Tensor] | None,
+) -> dict[tuple[torch.device, torch.dtype, torch.dtype], Group]:
+    """Sort parameters into launch groups; skip empty ones; make every tensor kernel-ready.
+
+    A gradient whose dtype is neither the parameter's nor float32 is upcast to float32 (exact);
+    a non-contiguous parameter is updated in a contiguous copy that is written back after the
+    launch; a CPU step counter is copied to the device.
+    """
+    if len(grads) != len(params):
+        raise ValueError(f"grads has {len(grads)} entries but there are {len(params)} parameters")
+    groups: dict = {}
+    for index, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if p.numel() == 0:
+            continue
+        device = cuda_device(p)
+        if g.dtype not in (p.dtype, torch.float32):
+            g = g.float()
+        key = (device, p.dtype, g.dtype)
+        group = groups.setdefault(key, Group())
+        work = p if p.is_contiguous() else p.contiguous()
+        if work is not p:
+            group.writebacks.append((p, work))
+        group.params.append(work)
+        group.grads.append(g.contiguous())
+        group.states.append(
+            [
+                (codes[index], absmax[index]) if codes is not None else (None, None)
+                for codes, absmax in states
+            ]
+            + [(None, None)] * (MAX_STATES - len(states))
+        )
+        if steps is None:
+            group.steps.append(None)
+        else:
+            step = steps[index]
+            if step.device != device or step.dtype != torch.float32:
+                step = step.to(device=device, dtype=torch.float32, non_blocking=True)
+            group.steps.append(step)
+    return groups
+
+
+def _validate(group: Group, block_size: int, device: torch.device) -> None:
+    for p, g, states, step in zip(
+        group.params, group.grads, group.states, group.steps, strict=True
+    ):
+        n = p.numel()
+        check_tensor(p, p.dtype, device, "a parameter")
+        check_tensor(g, g.dtype, device, "a gradient")
+        if g.numel() != n:
+            raise ValueError(f"a gradient has {g.numel()} elements but its parameter has {n}")
+        for codes, absmax in states:
+            if codes is None:
+                continue
+            check_tensor(codes, torch.uint8, device, "state codes")
+            check_tensor(absmax, torch.float32, device, "state absmax")
+            if codes.numel() != n or absmax.numel() != num_blocks(n, block_size):
+                raise ValueError(
+                    f"state codes of {codes.numel()} and absmax of {absmax.numel()} entries do not "
+                    f"fit a parameter of {n} elements at block_size {block_size}"
+                )
+        if step is not None:
+            check_tensor(step, torch.float32, device, "a step counter")
+
+
+def _key(group: Group, block_size: int) -> tuple:
+    parts = [block_size]
+    for p, g, states, step in zip(
+        group.params, group.grads, group.states, group.steps, strict=True
+    ):
+        parts += (p.data_ptr(), p.numel(), g.data_ptr())
+        parts += (0 if t is None else t.data_ptr() for pair in states for t in pair)
+        parts.append(0 if step is None else step.data_ptr())
+    return tuple(parts)
+
+
+def _build_table(
+    group: Group, tile: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows, first = [], 0
+    for p, g, states, step in zip(
+        group.params, group.grads, group.states, group.steps, strict=True
+    ):
+        n = p.numel()
+        pointers = [0 if t is None else t.data_ptr() for pair in states for t in pair]
+        aligned = all(x % 16 == 0 for x in (p.data_ptr(), g.data_ptr())) and all(
+            x % 8 == 0 for x in pointers[0::2]
+        )
+        rows += [
+            p.data_ptr(),
+            g.data_ptr(),
+            *pointers,
+            0 if step is None else step.data_ptr(),
+            n,
+            first,
+            int(aligned),
+        ]
+        first += -(-n // tile)
+    # Pointers above 2^63 do not occur on CUDA (47-bit virtual addresses); int64 holds them.
+    host = torch.tensor(rows, dtype=torch.int64)
+    if torch.cuda.is_available():
+        host = host.pin_memory()
+    return host, host.to(device, non_blocking=True), first
+
+
+class _Tables:
+    """Device tables by content (pointers and sizes), a bounded LRU per device. Tables made
+    while a CUDA graph is being captured are never evicted: the graph reads them at replay."""
+
+    def __init__(self) -> None:
+        self._lru: dict[torch.device, collections.OrderedDict] = {}
+        self._captured: dict[tuple, tuple] = {}
+
+    def get(self, group: Group, block_size: int, tile: int, device: torch.device):
+        key = _key(group, block_size)
+        lru = self._lru.setdefault(device, collections.OrderedDict())
+        entry = lru.get(key) or self._captured.get((device, key))
+        if entry is None:
+            _validate(group, block_size, device)
+            entry = _build_table(group, tile, device)
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self._captured[(device, key)] = entry
+            else:
+                lru[key] = entry
+                while len(lru) > _TABLES_PER_DEVICE:
+                    lru.popitem(last=False)
+        elif key in lru:
+            lru.move_to_end(key)
+        _host, table, num_tiles = entry
+        return table, num_tiles
+
+
+tables = _Tables()
+
+
+def learning_rate(
+    lr: float | torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor | None, float]:
+    """``(lr_ptr, lr)`` kernel arguments: a CUDA tensor is read by the kernel (graph capture sees
+    its current value at each replay); a Python float or CPU tensor is passed by value."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}"
+            )
+        if lr.device.type == "cuda":
+            if lr.device != device:
+                raise ValueError(f"lr is on {lr.device} but the parameters are on {device}")
+            return lr.reshape(()).to(torch.float32), 0.0
+        return None, float(lr)
+    return None, float(lr)
+
+
+def random_seed(dtype: torch.dtype, stochastic: bool, device: torch.device) -> torch.Tensor | None:
+    """A fresh int64 Philox key on the device for bf16 stochastic rounding, drawn from torch's
+    default CUDA generator (so ``torch.manual_seed`` makes runs repeat; graph-capture safe)."""
+    if not (stochastic and dtype == torch.bfloat16):
+        return None
+    return torch.empty((), dtype=torch.int64, device=device).random_()
+
+
+def launch(
+    kernel_name: str,
+    source: str,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[tuple[Sequence[torch.Tensor] | None, Sequence[torch.Tensor] | None]],
+    steps: Sequence[torch.Tensor] | None,
+    hyper: Sequence,
+    *,
+    lr: float | torch.Tensor,
+    block_size: int,
+    stochastic_rounding: bool,
+) -> None:
+    """Run ``kernel_name`` of ``source`` over all parameters: one launch per dtype group.
+
+    ``states``: per kernel state slot, ``(codes list, absmax list)`` or ``(None, None)``.
+    ``hyper``: the kernel's arguments after ``lr`` and before ``seed``, in C order.
+    """
+    check_block_size(block_size)
+    block, tile = launch_shape(block_size)
+    for (device, p_dtype, g_dtype), group in group_params(params, grads, states, steps).items():
+        kernel = get_kernel(KERNEL_DIR / source, kernel_name, (p_dtype, g_dtype), device)
+        table, num_tiles = tables.get(group, block_size, tile, device)
+        lr_ptr, lr_value = learning_rate(lr, device)
+        kernel.launch(
+            table,
+            len(group.params),
+            num_tiles,
+            get_codebook("dynamic", signed=True, device=device),
+            get_codebook("dynamic", signed=False, device=device),
+            block_size,
+            lr_ptr,
+            lr_value,
+            *hyper,
+            random_seed(p_dtype, stochastic_rounding, device),
+            grid=grid_for(num_tiles, block, device),
+            block=block,
+        )
+        for original, work in group.writebacks:
+            original.copy_(work)

@@ -1,0 +1,185 @@
+// The multi-tensor driver shared by the fused 8-bit optimizer kernels (adam.cu, rmsprop.cu,
+// lion.cu). One launch updates a list of parameters: per element it loads the parameter, the
+// gradient and up to three 8-bit states, dequantizes the states, applies the rule in fp32,
+// stores the parameter, requantizes the states (block absmax reduction and codebook search of
+// eightbit_quant.cuh) and stores codes and absmax: one read and one write of every tensor.
+//
+// Multi-tensor table (int64, kFields per parameter, built by functional/cuda/_launch.py):
+//   param, grad, codes/absmax of states 0..2 (0 = state absent), step (float*, or 0),
+//   numel, first tile, aligned (param and grad 16-byte, codes 8-byte aligned).
+// seed (int64 on the device, or null): bfloat16 parameters are rounded stochastically with
+// Philox keyed by it; the launcher draws it from torch's generator at every step.
+// A tile is blockDim.x * 8 elements of one parameter (whole quantization blocks); every
+// parameter starts on a fresh tile, so one launch mixes any sizes and a CTA finds its parameter
+// by binary search over the first tiles. Indices are 64-bit throughout.
+#pragma once
+
+#include "eightbit_quant.cuh"
+
+namespace eightbit {
+
+enum Field : int {
+  kParam = 0,
+  kGrad = 1,
+  kStateCodes = 2,   // state j: codes at kStateCodes + 2 j, absmax at kStateCodes + 2 j + 1
+  kStep = 8,
+  kNumel = 9,
+  kFirstTile = 10,
+  kAligned = 11,
+  kFields = 12,
+};
+constexpr int kMaxStates = 3;
+
+template <typename A, typename B> struct same_type { static constexpr bool value = false; };
+template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
+
+// Hyperparameters read from device memory when a pointer is given, so that a captured CUDA
+// graph sees the current learning rate and step at every replay.
+__device__ __forceinline__ double read_or(const float* __restrict__ pointer, double value) {
+  return pointer != nullptr ? static_cast<double>(*pointer) : value;
+}
+
+// Largest t with first_tile[t] <= tile (the parameter owning the tile; every entry is non-empty).
+__device__ __forceinline__ int find_tensor(const long long* __restrict__ table, int num_tensors,
+                                           long long tile) {
+  int lo = 0, hi = num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (table[static_cast<long long>(mid) * kFields + kFirstTile] <= tile) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// NaN-propagating maximum (torch.maximum); fmaxf would drop a NaN.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return a != a ? a : (b != b ? b : fmaxf(a, b));
+}
+
+// ---------------------------------------------------------------- stochastic rounding to bf16
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
+// counter-based generator torch uses on CUDA: 10 rounds of the published multipliers and Weyl
+// key increments. Written from the paper's description.
+struct Philox {
+  unsigned x, y, z, w;
+};
+
+__device__ __forceinline__ Philox philox4x32_10(Philox c, unsigned k0, unsigned k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const unsigned hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    const unsigned hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = Philox{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c;
+}
+
+// The bfloat16 value next to x, rounded up in magnitude with probability (low 16 bits) / 2^16,
+// so E[result] = x: add 16 random bits to the fp32 pattern and clear the low half. The result is
+// exactly representable in bfloat16, so the round-to-nearest store keeps it. inf/NaN unchanged.
+__device__ __forceinline__ float round_bf16_stochastic(float x, unsigned random16) {
+  if (!(fabsf(x) <= kFloatMax)) return x;
+  return __uint_as_float((__float_as_uint(x) + random16) & 0xffff0000u);
+}
+
+__device__ __forceinline__ void round_items_stochastic(float (&v)[kItems], unsigned long long seed,
+                                                       int tensor, long long i) {
+  const unsigned long long chunk = static_cast<unsigned long long>(i) / kItems;
+  const Philox r = philox4x32_10(
+      Philox{static_cast<unsigned>(chunk), static_cast<unsigned>(chunk >> 32),
+             static_cast<unsigned>(tensor), 0u},
+      static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
+  const unsigned words[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int k = 0; k < kItems; ++k)
+    v[k] = round_bf16_stochastic(v[k], (words[k >> 1] >> (16 * (k & 1))) & 0xffffu);
+}
+
+// ---------------------------------------------------------------- the driver
+// Rule (one per optimizer) provides:
+//   static constexpr int kStates;            states the rule may use (0 .. 3)
+//   static constexpr unsigned kSignedMask;   bit j set: state j uses the signed codebook
+//   __device__ void prepare(const float* step);                  per parameter, uniform
+//   __device__ void update(float& p, float g, float (&s)[kStates]) const;   one element, fp32
+template <typename T, typename G, typename Rule>
+__device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __restrict__ table,
+                                                  int num_tensors, long long num_tiles,
+                                                  const float* __restrict__ signed_codebook,
+                                                  const float* __restrict__ unsigned_codebook,
+                                                  int block_size,
+                                                  const long long* __restrict__ seed) {
+  constexpr int S = Rule::kStates;
+  static_assert(S >= 1 && S <= kMaxStates, "a rule keeps one to three 8-bit states");
+  __shared__ Codebook books[2];  // [0] signed map, [1] unsigned map
+  __shared__ float scratch[kMaxWarps];
+  load_codebook(books[0], signed_codebook);
+  load_codebook(books[1], unsigned_codebook);
+  __syncthreads();
+  const int group = block_size / kItems;
+  const long long tile_items = static_cast<long long>(blockDim.x) * kItems;
+  const unsigned long long random_key =
+      seed != nullptr ? static_cast<unsigned long long>(*seed) : 0ull;
+  int current = -1;
+  // Every branch below depends on the tile (the CTA) only, so all threads reach the barriers.
+  for (long long tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const int t = find_tensor(table, num_tensors, tile);
+    const long long* e = table + static_cast<long long>(t) * kFields;
+    if (t != current) {
+      rule.prepare(reinterpret_cast<const float*>(e[kStep]));
+      current = t;
+    }
+    const long long n = e[kNumel];
+    const bool vec = e[kAligned] != 0;
+    const long long i = (tile - e[kFirstTile]) * tile_items +
+                        static_cast<long long>(threadIdx.x) * kItems;
+    const bool live = i < n;  // the thread holds at least one element
+    T* param = reinterpret_cast<T*>(e[kParam]);
+    float p[kItems], g[kItems], s[S][kItems];
+    load_items(param, i, n, vec, p);
+    load_items(reinterpret_cast<const G*>(e[kGrad]), i, n, vec, g);
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      const unsigned char* codes = reinterpret_cast<const unsigned char*>(e[kStateCodes + 2 * j]);
+      const float* absmax = reinterpret_cast<const float*>(e[kStateCodes + 2 * j + 1]);
+      if (codes != nullptr) {
+        unsigned c[kItems];
+        load_codes(codes, i, n, vec, c);
+        decode_items(c, live ? absmax[i / block_size] : 0.0f,
+                     books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].values, s[j]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kItems; ++k) s[j][k] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      float state[S];
+#pragma unroll
+      for (int j = 0; j < S; ++j) state[j] = s[j][k];
+      rule.update(p[k], g[k], state);
+      // Elements past the end hold 0 so that they leave the block absmax alone.
+#pragma unroll
+      for (int j = 0; j < S; ++j) s[j][k] = i + k < n ? state[j] : 0.0f;
+    }
+    if constexpr (same_type<T, __nv_bfloat16>::value) {
+      if (seed != nullptr) round_items_stochastic(p, random_key, t, i);
+    }
+    store_items(param, i, n, vec, p);
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      unsigned char* codes = reinterpret_cast<unsigned char*>(e[kStateCodes + 2 * j]);
+      float* absmax = reinterpret_cast<float*>(e[kStateCodes + 2 * j + 1]);
+      if (codes != nullptr) {
+        unsigned c[kItems];
+        const Scale scale = quantize_items(
+            s[j], group, books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].thresholds, scratch, c);
+        store_codes(codes, i, n, vec, c);
+        if (threadIdx.x % group == 0 && live) absmax[i / block_size] = scale.stored;
+      }
+    }
+  }
+}
+
+}  // namespace eightbit

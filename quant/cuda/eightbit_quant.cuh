@@ -1,0 +1,229 @@
+// eightbit's device header: element conversion, vector load/store, codebook thresholds and
+// search, and the block absmax reduction. The quantize/dequantize kernels (blockwise.cu) and
+// every optimizer kernel (functional/cuda/*.cu) include it, so there is one codebook search.
+//
+// Numerics (the contract of eightbit.quant, identical to the torch path quant/_torch.py):
+//   absmax  = max |x| over the block in fp32; a block holding inf or NaN gets absmax NaN and the
+//             code of 0.0 everywhere; a block of zeros gets absmax 0 and the code of 0.0.
+//   y       = x / absmax, IEEE fp32 division (compiled without fast-math or flush-to-zero).
+//   code    = #{ j : t_j < y }, t_j = the exact midpoint (c_j + c_j+1) / 2 rounded down to fp32
+//             (quant/codebook.py midpoints), so ties go to the lower index.
+//   decode  = codebook[code] * absmax, one fp32 multiply.
+//
+// Work layout shared by all kernels: a thread owns kItems = 8 consecutive elements, so a
+// quantization block of block_size elements is a group of block_size / 8 consecutive threads
+// (8 .. 512). Blocks of the CTA are whole groups; a CTA has max(256, block_size / 8) threads.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace eightbit {
+
+constexpr int kItems = 8;          // elements per thread
+constexpr int kCodes = 256;        // codebook entries
+constexpr int kMaxWarps = 16;      // a CTA has at most 512 threads
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kFloatMax = 3.402823466e+38f;
+
+// ---------------------------------------------------------------- element conversion (fp32 math)
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Round to nearest even, as torch's fp32 -> fp16/bf16 conversion does.
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// ---------------------------------------------------------------- 8-element vector load/store
+// Element i (a multiple of 8) of an array of n. `vec` says the base pointer is aligned for
+// 16-byte (values) or 8-byte (codes) accesses; the ragged tail and unaligned views take the
+// scalar path. Elements past n read as 0 and are not written.
+
+// kItems values of T packed into 16-byte words (32 bytes for float, 16 for half and bfloat16).
+template <typename T>
+union Pack {
+  static constexpr int kVecs = kItems * sizeof(T) / 16;
+  uint4 words[kVecs];
+  T items[kItems];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_items(const T* __restrict__ p, long long i, long long n,
+                                           bool vec, float (&v)[kItems]) {
+  if (vec && i + kItems <= n) {
+    Pack<T> pack;
+    const uint4* src = reinterpret_cast<const uint4*>(p + i);
+#pragma unroll
+    for (int k = 0; k < Pack<T>::kVecs; ++k) pack.words[k] = src[k];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) v[k] = to_float(pack.items[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) v[k] = i + k < n ? to_float(p[i + k]) : 0.0f;
+  }
+}
+
+// Round v to T and store the elements below n.
+template <typename T>
+__device__ __forceinline__ void store_items(T* __restrict__ p, long long i, long long n, bool vec,
+                                            const float (&v)[kItems]) {
+  Pack<T> pack;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) pack.items[k] = from_float<T>(v[k]);
+  if (vec && i + kItems <= n) {
+    uint4* dst = reinterpret_cast<uint4*>(p + i);
+#pragma unroll
+    for (int k = 0; k < Pack<T>::kVecs; ++k) dst[k] = pack.words[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (i + k < n) p[i + k] = pack.items[k];
+  }
+}
+
+__device__ __forceinline__ void load_codes(const unsigned char* __restrict__ p, long long i,
+                                           long long n, bool vec, unsigned (&c)[kItems]) {
+  if (vec && i + kItems <= n) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p + i);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      c[k] = (raw.x >> (8 * k)) & 0xffu;
+      c[k + 4] = (raw.y >> (8 * k)) & 0xffu;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) c[k] = i + k < n ? p[i + k] : 0u;
+  }
+}
+
+__device__ __forceinline__ void store_codes(unsigned char* __restrict__ p, long long i, long long n,
+                                            bool vec, const unsigned (&c)[kItems]) {
+  if (vec && i + kItems <= n) {
+    uint2 raw;
+    raw.x = c[0] | (c[1] << 8) | (c[2] << 16) | (c[3] << 24);
+    raw.y = c[4] | (c[5] << 8) | (c[6] << 16) | (c[7] << 24);
+    *reinterpret_cast<uint2*>(p + i) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (i + k < n) p[i + k] = static_cast<unsigned char>(c[k]);
+  }
+}
+
+// ---------------------------------------------------------------- codebook in shared memory
+
+struct Codebook {
+  float values[kCodes];      // c_0 .. c_255
+  float thresholds[kCodes];  // t_0 .. t_254 (t_255 unused)
+};
+
+// The exact midpoint rounded down to fp32: the fp64 sum of two floats is exact for every
+// codebook eightbit builds (neighbours within 2^29 of each other, or one of them 0), the halving
+// is exact, and __double2float_rd rounds toward -inf: the value quant/codebook.py's midpoints()
+// gets with nextafter.
+__device__ __forceinline__ float threshold(float lo, float hi) {
+  return __double2float_rd(__dmul_rn(__dadd_rn(static_cast<double>(lo), static_cast<double>(hi)),
+                                     0.5));
+}
+
+// Fill `cb` from 256 fp32 values in global memory. All threads of the CTA call it; the caller
+// synchronises (__syncthreads) before the first use.
+__device__ __forceinline__ void load_codebook(Codebook& cb, const float* __restrict__ values) {
+  for (int j = threadIdx.x; j < kCodes; j += blockDim.x) {
+    const float lo = values[j];
+    cb.values[j] = lo;
+    cb.thresholds[j] = j + 1 < kCodes ? threshold(lo, values[j + 1]) : 0.0f;
+  }
+}
+
+// The number of thresholds strictly below y: binary lifting over the 255 sorted thresholds
+// (steps 128 + 64 + ... + 1 = 255, so the index never leaves the table). NaN gives 0.
+__device__ __forceinline__ unsigned encode(float y, const float* __restrict__ thresholds) {
+  unsigned c = 0;
+#pragma unroll
+  for (unsigned step = 128; step > 0; step >>= 1)
+    if (thresholds[c + step - 1] < y) c += step;
+  return c;
+}
+
+// ---------------------------------------------------------------- block absmax
+
+// |x| with every non-finite value mapped to +inf, so that fmaxf (which drops NaN operands)
+// still marks the block: the group maximum is +inf exactly when the block holds inf or NaN.
+__device__ __forceinline__ float magnitude(float x) {
+  const float a = fabsf(x);
+  return a <= kFloatMax ? a : __int_as_float(0x7f800000);
+}
+
+// Maximum of v over the group of `group` consecutive threads (a power of two, 8 .. 512; the
+// CTA size is a multiple of it). Every thread of the CTA must call it (it may synchronise the
+// CTA when a group spans warps); scratch holds kMaxWarps floats of shared memory.
+__device__ __forceinline__ float group_max(float v, int group, float* scratch) {
+  const int width = group < 32 ? group : 32;
+  for (int offset = width >> 1; offset > 0; offset >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  if (group > 32) {
+    const int warp = threadIdx.x >> 5;
+    const int warps = group >> 5;
+    __syncthreads();  // earlier readers of scratch are done
+    if ((threadIdx.x & 31) == 0) scratch[warp] = v;
+    __syncthreads();
+    const int first = warp & ~(warps - 1);
+    v = scratch[first];
+    for (int w = 1; w < warps; ++w) v = fmaxf(v, scratch[first + w]);
+  }
+  return v;
+}
+
+// Block scale from the group maximum of magnitude(): what is stored (NaN for a non-finite
+// block) and whether the values are divided by it (finite and non-zero) or coded as 0.0.
+struct Scale {
+  float stored;
+  bool divide;
+};
+
+__device__ __forceinline__ Scale block_scale(float max_magnitude) {
+  const bool finite = max_magnitude <= kFloatMax;
+  return Scale{finite ? max_magnitude : quiet_nan(), finite && max_magnitude > 0.0f};
+}
+
+// Codes of one thread's values in a block of the given scale.
+__device__ __forceinline__ void encode_items(const float (&v)[kItems], Scale s,
+                                             const float* __restrict__ thresholds,
+                                             unsigned (&c)[kItems]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k)
+    c[k] = encode(s.divide ? __fdiv_rn(v[k], s.stored) : 0.0f, thresholds);
+}
+
+// Quantize one thread's values: reduce the absmax over the thread's group, compute the codes,
+// and return the block scale (the group's first thread stores scale.stored).
+__device__ __forceinline__ Scale quantize_items(const float (&v)[kItems], int group,
+                                                const float* __restrict__ thresholds,
+                                                float* scratch, unsigned (&c)[kItems]) {
+  float m = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) m = fmaxf(m, magnitude(v[k]));
+  const Scale s = block_scale(group_max(m, group, scratch));
+  encode_items(v, s, thresholds, c);
+  return s;
+}
+
+__device__ __forceinline__ void decode_items(const unsigned (&c)[kItems], float absmax,
+                                             const float* __restrict__ values,
+                                             float (&v)[kItems]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) v[k] = __fmul_rn(values[c[k]], absmax);
+}
+
+}  // namespace eightbit
