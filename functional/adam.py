@@ -110,6 +110,17 @@ def adam8bit_update(
         signed=False, name="max_exp_avg_sq", **kw,
     )
     # Backend dispatch for 8-bit Adam: the one place an implementation is chosen.
+    if params and params[0].is_cuda:
+        from .cuda import adam8bit  # fused CUDA kernels; CuPy is imported on the first launch
+
+        adam8bit(
+            params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+            max_exp_avg_sq_codes, max_exp_avg_sq_absmax, steps, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad, maximize=maximize, block_size=block_size,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        return
     _adam_torch(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -77,6 +77,15 @@ def lion8bit_update(
         exp_avg_codes, exp_avg_absmax, params, signed=True, block_size=block_size, name="exp_avg"
     )
     # Backend dispatch for 8-bit Lion: the one place an implementation is chosen.
+    if params and params[0].is_cuda:
+        from .cuda import lion8bit  # fused CUDA kernels; CuPy is imported on the first launch
+
+        lion8bit(
+            params, grads, exp_avg_codes, exp_avg_absmax, lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, maximize=maximize, block_size=block_size,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        return
     _lion_torch(
         params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         maximize=maximize, block_size=block_size,

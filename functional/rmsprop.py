@@ -102,6 +102,16 @@ def rmsprop8bit_update(
         signed=True, name="grad_avg", **kw,
     )
     # Backend dispatch for 8-bit RMSprop: the one place an implementation is chosen.
+    if params and params[0].is_cuda:
+        from .cuda import rmsprop8bit  # fused CUDA kernels; CuPy is imported on the first launch
+
+        rmsprop8bit(
+            params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
+            momentum_buffer_absmax, grad_avg_codes, grad_avg_absmax, lr=lr, alpha=alpha, eps=eps,
+            weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+            block_size=block_size, bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        return
     _rmsprop_torch(
         params, grads, square_avgs, momentum_buffers, grad_avgs, lr=lr, alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, maximize=maximize, block_size=block_size,
