@@ -28,8 +28,9 @@ EXTRA_ARGS_DOC = """block_size (int): elements per absmax block of the 8-bit sta
         foreach, fused, capturable (bool, optional): torch's performance hints, accepted for
             drop-in compatibility; every step is already one fused pass per parameter.
 
-    Per param group, ``state_bits`` (8 or 32, default 8) keeps a group's state in fp32, e.g. for
-    embeddings: ``[{"params": emb.parameters(), "state_bits": 32}, {"params": rest}]``."""
+        state_bits (int): 8, or 32 to keep fp32 state (default 8). Like any option it can be set
+            per param group, e.g. to keep embeddings in 32 bits:
+            ``[{"params": emb.parameters(), "state_bits": 32}, {"params": rest}]``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         *,
         block_size: int,
         min_8bit_size: int,
+        state_bits: int,
         bf16_stochastic_rounding: bool,
         foreach: bool | None,
         fused: bool | None,
@@ -92,7 +94,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             differentiable=False,
             block_size=block_size,
             min_8bit_size=min_8bit_size,
-            state_bits=8,
+            state_bits=state_bits,
             bf16_stochastic_rounding=bool(bf16_stochastic_rounding),
         )
         super().__init__(params, defaults)

@@ -69,6 +69,7 @@ class Adam8bit(Optimizer8bit):
         decoupled_weight_decay: bool = False,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
         if not 0.0 <= eps:
@@ -82,8 +83,8 @@ class Adam8bit(Optimizer8bit):
         )
         super().__init__(
             params, defaults, block_size=block_size, min_8bit_size=min_8bit_size,
-            bf16_stochastic_rounding=bf16_stochastic_rounding, foreach=foreach, fused=fused,
-            capturable=capturable, differentiable=differentiable,
+            state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
+            foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
 
     def _update(self, group, params, grads, states, eight_bit):
@@ -136,11 +137,12 @@ class AdamW8bit(Adam8bit):
         fused: bool | None = None,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, block_size=block_size, min_8bit_size=min_8bit_size,
-            bf16_stochastic_rounding=bf16_stochastic_rounding,
+            state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
         )

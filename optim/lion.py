@@ -52,6 +52,7 @@ class Lion8bit(Optimizer8bit):
         differentiable: bool = False,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
         for i, beta in enumerate(betas):
@@ -63,8 +64,8 @@ class Lion8bit(Optimizer8bit):
         )
         super().__init__(
             params, defaults, block_size=block_size, min_8bit_size=min_8bit_size,
-            bf16_stochastic_rounding=bf16_stochastic_rounding, foreach=foreach, fused=fused,
-            capturable=capturable, differentiable=differentiable,
+            state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
+            foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
 
     def _update(self, group, params, grads, states, eight_bit):
