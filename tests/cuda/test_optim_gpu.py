@@ -1,0 +1,355 @@
+"""The fused CUDA optimizer kernels against the torch path (needs a GPU).
+
+Oracle: the same functional rule on CPU copies (eightbit's torch path, or the CPU kernels that
+are themselves tested bit for bit against it), from identical quantized states, one step.
+
+Allowed differences, derived rather than tuned. Both sides evaluate the same fp32 formulas on the
+same dequantized states, in a different order and with FMA contraction on the GPU. About ten
+roundings lie on the path to the update u = p_new - p_old, each worth at most 2^-24 of the
+terms involved, so |u_cuda - u_torch| <= 16 * 2^-24 |u| where no cancellation occurs; then each
+side rounds p + u once (half an ulp of p each).
+
+* PARAM: |p_cuda - p_torch| <= 2 ulp(p) + UPDATE_RTOL |u| with UPDATE_RTOL = 2^-16 (16x margin
+  over 16 roundings) for all but PARAM_OUTLIERS of the elements; those are elements where the
+  update cancels (m = lerp(m, g) or the centered variance s - a^2 near 0, or Lion's sign of a
+  direction within rounding of 0); for them LOOSE_RTOL |u| + 2 ulp(p) bounds the difference.
+* fp16/bf16 parameters: the fp32 results above round to the same value except when they
+  straddle a rounding boundary of the parameter dtype: at most one ulp of the dtype, in at most
+  LOW_PRECISION_FLIPS of the elements (fp32 differences of a few ulp against 2^13 (fp16) or 2^16
+  (bf16) fp32 ulps per dtype ulp).
+* codes: the fresh fp32 state differs by a few ulp, so a code can differ only where y = s /
+  absmax lies within a few ulp of a threshold. The dynamic map's thresholds are at least ~1% of
+  |y| apart, so a flip has probability below ~1e-5 per element: CODE_FLIPS = 1e-4 of the
+  elements (plus two, for small tensors), always to the adjacent code. absmax: within 2^-20.
+"""
+
+import math
+
+import pytest
+import torch
+from eightbit.functional import lion8bit_update
+from eightbit.optim import Adam8bit, Lion8bit
+from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwise
+from eightbit.quant.cuda import _runtime
+
+from tests.functional.test_rules import (
+    BLOCK,
+    RULES,
+    call8,
+    is_on,
+    make_problem,
+    quantize_states,
+)
+from tests.optim.cases import ROWS
+
+pytestmark = pytest.mark.gpu
+
+UPDATE_RTOL = 2.0**-16
+LOOSE_RTOL = 1e-3
+PARAM_OUTLIERS = 1e-3
+LOW_PRECISION_FLIPS = 1e-2
+CODE_FLIPS = 1e-4
+ABSMAX_RTOL = 2.0**-20
+
+SHAPES = [(1,), (4095,), (4097,), (64, 300), (0,), (278011,), (1 << 20,)]
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing above |x| in x's own dtype, as float32."""
+    x = x.abs()
+    return (torch.nextafter(x, torch.full_like(x, math.inf)) - x).float()
+
+
+def step_both(rule, p, g, states, step, **extra):
+    """One step of the rule on CPU tensors (oracle) and on CUDA copies (kernel)."""
+    codes, absmax = quantize_states(rule, states)
+    gpu_codes = {k: v.cuda() for k, v in codes.items()}  # copies, before the CPU step
+    gpu_absmax = {k: v.cuda() for k, v in absmax.items()}
+    cpu_p = p.clone()
+    call8(rule, [cpu_p], [g], codes, absmax, [torch.tensor(step)], **extra)
+    gpu_p = p.cuda()
+    call8(
+        rule,
+        [gpu_p],
+        [g.cuda()],
+        gpu_codes,
+        gpu_absmax,
+        [torch.tensor(step, device="cuda")],
+        **extra,
+    )
+    return (cpu_p, codes, absmax), (
+        gpu_p.cpu(),
+        {k: v.cpu() for k, v in gpu_codes.items()},
+        {k: v.cpu() for k, v in gpu_absmax.items()},
+    )
+
+
+def assert_params_close(p0, ref, got):
+    n = max(ref.numel(), 1)
+    if ref.dtype != torch.float32:
+        diff = (got.float() - ref.float()).abs()
+        assert bool((diff <= ulp(ref)).all()), "fp16/bf16 parameters differ by more than one ulp"
+        assert (diff > 0).sum().item() <= LOW_PRECISION_FLIPS * n + 2
+        return
+    u = (ref - p0).abs()
+    diff = (got - ref).abs()
+    tight = diff <= 2 * ulp(ref) + UPDATE_RTOL * u
+    assert (~tight).sum().item() <= PARAM_OUTLIERS * n + 2, f"{(~tight).sum().item()} of {n}"
+    assert bool((diff <= 2 * ulp(ref) + LOOSE_RTOL * u).all()), diff.max().item()
+
+
+def assert_states_close(rule, ref_codes, ref_absmax, codes, absmax):
+    for name, _ in rule.slots:
+        if not is_on(rule, name):
+            continue
+        a, b = ref_codes[name].view(-1).long(), codes[name].view(-1).long()
+        differ = a != b
+        assert differ.sum().item() <= CODE_FLIPS * a.numel() + 2, name
+        assert bool(((a - b).abs()[differ] == 1).all()), f"{name}: a code jumped by more than 1"
+        ra, ga = ref_absmax[name], absmax[name]
+        assert torch.equal(torch.isnan(ra), torch.isnan(ga))
+        finite = ~torch.isnan(ra)
+        assert bool(((ga[finite] - ra[finite]).abs() <= ABSMAX_RTOL * ra[finite].abs()).all())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
+def test_kernel_matches_torch_path(rule, shape):
+    p, g, states, step = make_problem(rule, shape, step=5.0)
+    (ref_p, ref_codes, ref_absmax), (p1, codes, absmax) = step_both(rule, p, g, states, step)
+    assert_params_close(p, ref_p, p1)
+    assert_states_close(rule, ref_codes, ref_absmax, codes, absmax)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rule", RULES[::3], ids=lambda r: r.id)
+def test_low_precision_parameters(rule, dtype):
+    p, g, states, step = make_problem(rule, (278011,), dtype=dtype)
+    (ref_p, ref_codes, ref_absmax), (p1, codes, absmax) = step_both(rule, p, g, states, step)
+    assert p1.dtype == dtype
+    assert_params_close(p, ref_p, p1)
+    assert_states_close(rule, ref_codes, ref_absmax, codes, absmax)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
+def test_one_multi_tensor_launch_equals_one_launch_per_parameter(rule):
+    shapes = [(5000,), (0,), (1,), (4097,), (64, 300), (3,), (278011,)]
+    problems = [make_problem(rule, s, seed=i) for i, s in enumerate(shapes)]
+
+    def run(together):
+        params, results = [], []
+        all_codes, all_absmax = {}, {}
+        for p, g, states, _ in problems:
+            codes, absmax = quantize_states(rule, states)
+            params.append((p.cuda(), g.cuda()))
+            for k in codes:
+                all_codes.setdefault(k, []).append(codes[k].cuda())
+                all_absmax.setdefault(k, []).append(absmax[k].cuda())
+        steps = [torch.tensor(4.0, device="cuda") for _ in problems]
+        if together:
+            _call_lists(rule, params, all_codes, all_absmax, steps)
+        else:
+            for i in range(len(problems)):
+                _call_lists(
+                    rule,
+                    params[i : i + 1],
+                    {k: v[i : i + 1] for k, v in all_codes.items()},
+                    {k: v[i : i + 1] for k, v in all_absmax.items()},
+                    steps[i : i + 1],
+                )
+        for i, (p, _) in enumerate(params):
+            results.append(
+                (p, *(all_codes[k][i] for k in all_codes), *(all_absmax[k][i] for k in all_absmax))
+            )
+        return results
+
+    for a, b in zip(run(True), run(False), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+
+
+def _call_lists(rule, params, codes, absmax, steps):
+    args = []
+    for name, _ in rule.slots:
+        on = is_on(rule, name)
+        args += [codes[name] if on else None, absmax[name] if on else None]
+    if rule.uses_steps:
+        args.append(steps)
+    rule.update8(
+        [p for p, _ in params], [g for _, g in params], *args, block_size=BLOCK, **rule.kwargs
+    )
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_optimizer_step_first_steps_match_cpu(row):
+    torch.manual_seed(0)
+    cpu = [torch.randn(5000), torch.randn(64, 300), torch.randn(70000)]
+    gpu = [p.cuda() for p in cpu]
+    before = [p.clone() for p in cpu]
+    opt_cpu, opt_gpu = row.ours(cpu), row.ours(gpu)
+    for p, q in zip(cpu, gpu, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.cuda()
+    opt_cpu.step()  # fresh (zero) states: both sides step from the same codes
+    opt_gpu.step()
+    for p0, p, q in zip(before, cpu, gpu, strict=True):
+        assert_params_close(p0, p, q.cpu())
+    for p, q in zip(cpu, gpu, strict=True):
+        for key, value in opt_cpu.state[p].items():
+            if key.endswith("_codes"):
+                differ = value != opt_gpu.state[q][key].cpu()
+                assert differ.sum().item() <= CODE_FLIPS * value.numel() + 2, key
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_cuda_graph_capture_of_step_with_tensor_lr(row):
+    torch.manual_seed(0)
+    shapes = [(5000,), (64, 300), (1,), (70000,)]
+    init = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(6)]
+    lr = row.kwargs["lr"]
+
+    def make():
+        params = [p.clone() for p in init]
+        static_grads = [torch.zeros_like(p) for p in params]
+        for p, g in zip(params, static_grads, strict=True):
+            p.grad = g
+        rate = torch.tensor(lr, device="cuda")
+        # min_8bit_size=0: every parameter takes the 8-bit kernels (the fp32-state twins of
+        # small parameters run the torch path, which reads lr and step on the host)
+        return params, static_grads, rate, row.ours(params, lr=rate, min_8bit_size=0)
+
+    eager_params, eager_grads, eager_lr, eager = make()
+    params, static_grads, rate, opt = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: states, compilation, multi-tensor tables
+        for i in range(2):
+            for s, g in zip(static_grads, grads[i], strict=True):
+                s.copy_(g)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(2):
+        for s, g in zip(eager_grads, grads[i], strict=True):
+            s.copy_(g)
+        eager.step()
+    for i in range(2, 6):
+        if i == 4:  # a new learning rate reaches the captured kernels through the tensor
+            rate.fill_(lr / 3)
+            eager_lr.fill_(lr / 3)
+        for s, e, g in zip(static_grads, eager_grads, grads[i], strict=True):
+            s.copy_(g)
+            e.copy_(g)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for a, b in zip(params, eager_params, strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(params, eager_params, strict=True):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, eager.state[q][key]), key
+    assert opt.state[params[0]]["step"].item() == 6
+
+
+def test_step_does_not_synchronise_the_host():
+    params = [torch.randn(100_000, device="cuda"), torch.randn(5000, device="cuda")]
+    opt = Adam8bit(params, lr=torch.tensor(1e-3, device="cuda"), min_8bit_size=0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # states, compilation
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_each_kernel_compiles_once():
+    rule = RULES[0]
+    for _ in range(3):
+        p, g, states, step = make_problem(rule, (5000,))
+        step_both(rule, p, g, states, step)
+    keys = [k for k in _runtime.compilations if k[0].endswith("adam.cu")]
+    assert keys and all(_runtime.compilations[k] == 1 for k in keys)
+
+
+# ------------------------------------------------------------------- bf16 stochastic rounding
+
+
+def lion_on_ones(n, seed, stochastic, lr=1e-4):
+    """bf16 parameters at 1.0 with a positive gradient: Lion moves each by exactly -lr, far
+    below half a bf16 ulp at 1.0 (2^-9), so round-to-nearest loses the whole update."""
+    torch.manual_seed(seed)
+    p = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    p.grad = torch.ones_like(p)
+    opt = Lion8bit([p], lr=lr, bf16_stochastic_rounding=stochastic)
+    opt.step()
+    return p
+
+
+def test_stochastic_rounding_is_unbiased():
+    n, lr = 1 << 22, 1e-4
+    p = lion_on_ones(n, 0, True, lr).double()
+    gap = 2.0**-8  # bf16 spacing just below 1.0
+    q = lr / gap  # probability of rounding down to 1 - gap
+    assert set(p.unique().tolist()) == {1.0, 1.0 - gap}
+    sd = gap * math.sqrt(q * (1 - q) / n)
+    assert abs(p.mean().item() - (1.0 - lr)) < 5 * sd
+    assert bool((lion_on_ones(n, 0, False, lr) == 1).all())  # round to nearest loses it all
+
+
+def test_stochastic_rounding_is_deterministic_for_a_seed():
+    a, b = lion_on_ones(1 << 16, 7, True), lion_on_ones(1 << 16, 7, True)
+    c = lion_on_ones(1 << 16, 8, True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_stochastic_rounding_leaves_fp32_parameters_alone():
+    torch.manual_seed(0)
+    p = torch.ones(4096, device="cuda")
+    p.grad = torch.ones_like(p)
+    Lion8bit([p], lr=1e-4, bf16_stochastic_rounding=True).step()
+    assert bool((p == torch.tensor(1.0) - torch.tensor(1e-4)).all())
+
+
+# ------------------------------------------------------------------- 64-bit indexing
+
+
+@pytest.mark.slow
+def test_parameter_over_2_to_the_31_elements():
+    n = (1 << 31) + 1027  # ragged last block
+    block = 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.randn(n, dtype=torch.bfloat16, device="cuda", generator=g)
+    grad = torch.randn(n, dtype=torch.bfloat16, device="cuda", generator=g)
+    signed = get_codebook("dynamic", signed=True, device="cuda")
+    m = quantize_blockwise(
+        torch.randn(n, dtype=torch.bfloat16, device="cuda", generator=g) * 0.1,
+        codebook=signed,
+        block_size=block,
+    )
+    windows = [(0, 1 << 16), ((1 << 31) - (1 << 16), (1 << 31) + (1 << 16)), (n - 3 * block - 5, n)]
+    windows = [(s - s % block, e) for s, e in windows]
+    before = [
+        (
+            p[s:e].cpu(),
+            grad[s:e].cpu(),
+            m.codes[s:e].cpu(),
+            m.absmax[s // block : -(-e // block)].cpu(),
+        )
+        for s, e in windows
+    ]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False, block_size=block)
+    lion8bit_update([p], [grad], [m.codes], [m.absmax], **kw)
+    for (s, e), (p0, g0, c0, a0) in zip(windows, before, strict=True):
+        lion8bit_update([p0], [g0], [c0], [a0], **kw)  # the CPU oracle on the window
+        diff = (p[s:e].cpu().float() - p0.float()).abs()
+        assert bool((diff <= ulp(p0)).all())
+        differ = m.codes[s:e].cpu() != c0
+        assert differ.sum().item() <= CODE_FLIPS * (e - s) + 2
+        got = m.absmax[s // block : -(-e // block)].cpu()
+        assert bool(((got - a0).abs() <= ABSMAX_RTOL * a0.abs()).all())
+    assert dequantize_blockwise(m).isfinite().all()
