@@ -27,5 +27,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# On a machine with a GPU, torch (CUDA), CuPy and pytest, and no network: no venv, nothing
+# downloaded. eightbit is installed in place without dependencies (if that fails, for lack of
+# setuptools, the script imports the source tree through a shim); then the `gpu` tests and the
+# GPU benchmarks run (< 5 min) and the tables land in $(GPU_CHECK_OUT)/results.md.
+GPU_CHECK_OUT ?= gpu-check-out
+
+gpu-check:
+	-$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
