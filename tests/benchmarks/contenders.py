@@ -1,0 +1,142 @@
+"""The optimizers `make bench` puts side by side, each found at run time.
+
+A contender that cannot be imported (a peer that is not installed, an eightbit optimizer that
+does not exist yet) is still listed, with the reason in ``missing``, so the table shows
+"not installed" rather than the run failing. The baseline for every ratio is torch's fused Adam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import io
+import logging
+import warnings
+from collections.abc import Callable
+
+import torch
+
+BASELINE = "torch Adam fused"
+EIGHTBIT_OPTIMIZERS = ("Adam8bit", "AdamW8bit", "RMSprop8bit", "Lion8bit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """One optimizer configuration: how to build it over a list of parameters and step it.
+
+    ``make(params)`` returns the optimizer; ``step(optimizer)`` runs one ``optimizer.step()``
+    (inside ``torch.compiler.set_stance("force_eager")`` for ``eager_stance`` contenders, which
+    turns a peer's internal ``torch.compile`` into plain eager execution).
+    """
+
+    name: str
+    family: str
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None
+    missing: str | None = None
+    eager_stance: bool = False
+    compiles: bool = False
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.eager_stance:
+            with torch.compiler.set_stance("force_eager"):
+                optimizer.step()
+        else:
+            optimizer.step()
+
+
+def quiet_import(module: str):
+    """Import ``module`` with its import-time chatter (warnings, log lines, prints) silenced.
+
+    Returns ``(module, None)``, or ``(None, reason)`` when it cannot be imported.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module), None
+    except ImportError as error:
+        if error.name and module.startswith(error.name):
+            return None, "not installed"
+        return None, f"import failed: {error}"
+    except Exception as error:  # a broken install shows in the table, it does not stop the run
+        return None, f"import failed: {type(error).__name__}: {error}"
+    finally:
+        logging.disable(previous)
+
+
+def version_of(module: str) -> str:
+    """The installed version of ``module``, or "not installed"."""
+    mod, why = quiet_import(module)
+    return getattr(mod, "__version__", "?") if mod is not None else why
+
+
+def _torch_contenders() -> list[Contender]:
+    return [
+        Contender(BASELINE, "torch", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
+        Contender("torch Adam foreach", "torch", lambda ps: torch.optim.Adam(ps, foreach=True)),
+        Contender("torch AdamW fused", "torch", lambda ps: torch.optim.AdamW(ps, fused=True)),
+    ]
+
+
+def _eightbit_contenders() -> list[Contender]:
+    optim, why = quiet_import("eightbit.optim")
+    rows = []
+    for name in EIGHTBIT_OPTIMIZERS:
+        cls = getattr(optim, name, None) if optim is not None else None
+        missing = why if optim is None else None if cls is not None else "not in eightbit.optim yet"
+        rows.append(Contender(f"eightbit {name}", "eightbit", cls, missing))
+    return rows
+
+
+def _bitsandbytes_contenders() -> list[Contender]:
+    bnb, why = quiet_import("bitsandbytes")
+    cls = getattr(getattr(bnb, "optim", None), "Adam8bit", None)
+    if bnb is not None and cls is None:
+        why = f"bitsandbytes {bnb.__version__} has no CPU Adam8bit (needs >= 0.50)"
+    return [Contender("bitsandbytes Adam8bit", "bitsandbytes", cls, None if cls else why)]
+
+
+def _torchao_contenders() -> list[Contender]:
+    ao_optim, why = quiet_import("torchao.optim")
+    cls = getattr(ao_optim, "AdamW8bit", None)
+    if ao_optim is not None and cls is None:
+        why = "this torchao has no torchao.optim.AdamW8bit"
+    # torchao compiles its per-parameter step with torch.compile inside step(); the eager row
+    # runs that same code with compilation switched off.
+    why = None if cls else why
+    return [
+        Contender("torchao AdamW8bit eager", "torchao", cls, why, eager_stance=True),
+        Contender("torchao AdamW8bit compiled", "torchao", cls, why, compiles=True),
+    ]
+
+
+_FAMILIES = {
+    "torch": _torch_contenders,
+    "eightbit": _eightbit_contenders,
+    "bitsandbytes": _bitsandbytes_contenders,
+    "torchao": _torchao_contenders,
+}
+
+
+def all_contenders(family: str | None = None) -> list[Contender]:
+    """Every contender (of ``family`` only, if given: then only that library is imported),
+    baseline first; unavailable ones carry the reason in ``missing``."""
+    if family is not None:
+        return _FAMILIES[family]()
+    return [c for build in _FAMILIES.values() for c in build()]
+
+
+def select(contenders: list[Contender], patterns: list[str] | None) -> list[Contender]:
+    """The contenders whose name contains one of ``patterns`` (case-insensitive); the baseline
+    always stays, since every ratio is taken against it."""
+    if not patterns:
+        return contenders
+    wanted = [p.lower() for p in patterns]
+    chosen = [c for c in contenders
+              if c.name == BASELINE or any(w in c.name.lower() for w in wanted)]
+    if len(chosen) == 1 and len(contenders) > 1:
+        names = ", ".join(c.name for c in contenders)
+        raise SystemExit(f"--only {patterns} matches no contender; names are: {names}")
+    return chosen

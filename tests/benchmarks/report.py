@@ -1,0 +1,227 @@
+"""Tables (console and Markdown), the PNG chart, and the sections written into RESULTS.md and
+the README. Everything here formats numbers measured elsewhere; nothing is timed."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from .contenders import BASELINE, version_of
+from .memory import PeakMemory
+from .steps import StepResult
+from .throughput import Throughput
+
+BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+
+
+def size_label(numel: int) -> str:
+    return f"{numel >> 20}M" if numel % (1 << 20) == 0 else f"{numel:,}"
+
+
+def cell_label(numel: int, n_tensors: int) -> str:
+    return f"{size_label(numel)} x{n_tensors}"
+
+
+def machine() -> str:
+    """One line: CPU model, cores, torch threads, memory, OS."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"model name\s*:\s*(.*)", info).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    try:
+        mem_kib = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f", {mem_kib / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        mem = ""
+    return (f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){mem}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def versions() -> str:
+    try:
+        from eightbit.quant import _native
+
+        cpu_path = _native.describe()
+    except Exception as error:  # an older eightbit has no native path to describe
+        cpu_path = f"torch path ({type(error).__name__})"
+    return (f"python {platform.python_version()}, torch {torch.__version__}, "
+            f"eightbit {version_of('eightbit')} (CPU tensors: {cpu_path}), "
+            f"bitsandbytes {version_of('bitsandbytes')}, torchao {version_of('torchao')}")
+
+
+def _cells(results: list[StepResult]) -> list[tuple[int, int]]:
+    return sorted({(r.numel, r.n_tensors) for r in results})
+
+
+def _baseline(results: list[StepResult]) -> dict[tuple[int, int], float | None]:
+    return {(r.numel, r.n_tensors): r.median_s for r in results if r.name == BASELINE}
+
+
+def ratio(result: StepResult, base: dict) -> float | None:
+    b = base.get((result.numel, result.n_tensors))
+    return result.median_s / b if result.median_s and b else None
+
+
+def times(x: float) -> str:
+    """A ratio: 0.91x, 1.75x, 28.2x, 1,563x."""
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def _step_cell(r: StepResult, base: dict, min_steps: int) -> str:
+    if r.median_s is None:
+        return r.note or "-"
+    ms = r.median_s * 1e3
+    text = f"{ms:.3g} ms" if ms < 100 else f"{ms:,.0f} ms"
+    x = ratio(r, base)
+    text += f" ({times(x)})" if x is not None else ""
+    return text + (f" [{r.steps} steps]" if r.steps < min_steps else "")
+
+
+def step_table(results: list[StepResult], *, min_steps: int) -> list[list[str]]:
+    """Rows: contenders; columns: cells; each entry 'median (ratio to the baseline)'."""
+    cells, base = _cells(results), _baseline(results)
+    names = list(dict.fromkeys(r.name for r in results))
+    by = {(r.name, r.numel, r.n_tensors): r for r in results}
+    header = ["optimizer.step()"] + [cell_label(*c) for c in cells]
+    rows = [[n] + [_step_cell(by[(n, *c)], base, min_steps) if (n, *c) in by else "-"
+                   for c in cells] for n in names]
+    return [header] + rows
+
+
+def _mib(b: int | None) -> str:
+    return f"{b / 2**20:,.0f} MiB" if b is not None else "-"
+
+
+def _state(name: str, results: list[StepResult], numel: int) -> str:
+    """State bytes per parameter at ``numel`` in one tensor, else at the largest size measured."""
+    measured = sorted((r for r in results if r.name == name and r.n_tensors == 1
+                       and r.state_bytes is not None), key=lambda r: (r.numel == numel, r.numel))
+    if not measured:
+        here = [r.note for r in results if r.name == name and r.numel == numel]
+        return (here or ["-"])[0] or "-"
+    r = measured[-1]
+    return f"{r.state_bytes / r.numel:.2f}" + ("" if r.numel == numel else
+                                                 f" (at {size_label(r.numel)})")
+
+
+def memory_table(results: list[StepResult], peaks: list[PeakMemory], numel: int) -> list[list[str]]:
+    """State bytes per parameter (from optimizer.state), first step, and peak process memory."""
+    peak_by = {p.name: p for p in peaks}
+    header = ["optimizer", "state B/param", "first step", "peak RSS", "peak added B/param"]
+    rows = [header]
+    for r in results:
+        if r.numel != numel or r.n_tensors != 1:
+            continue
+        p = peak_by.get(r.name)
+        state = _state(r.name, results, numel)
+        first = f"{r.first_step_s:.2f} s" if r.first_step_s is not None else "-"
+        if p is None:
+            peak, extra = "not measured", "-"
+        elif p.peak is None:
+            peak, extra = p.note, "-"
+        else:
+            peak, extra = _mib(p.peak), f"{p.extra_per_param:.2f}"
+        rows.append([r.name, state, first, peak, extra])
+    return rows
+
+
+def throughput_table(results: list[Throughput]) -> list[list[str]]:
+    copy = next((t.gbps for t in results if t.name.startswith("torch copy")), None)
+    rows = [["operation", "time", "GB/s", "vs copy", "round-trip mean abs err"]]
+    for t in results:
+        if t.gbps is None:
+            rows.append([t.name, t.note, "-", "-", "-"])
+            continue
+        err = f"{t.roundtrip_err:.5f}" if t.roundtrip_err is not None else ""
+        rows.append([t.name, f"{t.median_s * 1e3:,.2f} ms", f"{t.gbps:.2f}",
+                     f"{t.gbps / copy:.0%}" if copy else "-", err])
+    return rows
+
+
+def console(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def replace_section(
+    path: Path, section: str, *, title: str = "", before: str | None = None
+) -> None:
+    """Put ``section`` between the BEGIN/END markers of ``path``, leaving the rest untouched.
+
+    Without markers the block is added before the first line starting with ``before`` (when
+    given and present), else at the end; a missing file is created starting with ``title``.
+    """
+    block = f"{BEGIN}\n{section.strip()}\n{END}"
+    text = path.read_text() if path.exists() else (f"{title}\n" if title else "")
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        match = re.search(rf"^{re.escape(before)}", text, re.M) if before else None
+        if match:
+            text = text[: match.start()] + block + "\n\n" + text[match.start():]
+        else:
+            text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
+def chart(results: list[StepResult], peaks: list[PeakMemory], numel: int, path: Path) -> None:
+    """Left: step time relative to torch's fused Adam per cell (log scale). Right: optimizer
+    state bytes per parameter and peak bytes added per parameter at ``numel`` parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells, base = _cells(results), _baseline(results)
+    names = [n for n in dict.fromkeys(r.name for r in results)
+             if any(r.name == n and r.median_s for r in results)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), width_ratios=[2.2, 1])
+    width = 0.8 / max(len(names), 1)
+    colors = plt.get_cmap("tab20").colors
+    by = {(r.name, r.numel, r.n_tensors): r for r in results}
+    for k, name in enumerate(names):
+        xs, ys = [], []
+        for i, c in enumerate(cells):
+            r = by.get((name, *c))
+            x = ratio(r, base) if r else None
+            if x is not None:
+                xs.append(i + (k - (len(names) - 1) / 2) * width)
+                ys.append(x)
+        left.bar(xs, ys, width, label=name, color=colors[k % len(colors)])
+    left.set_yscale("log")
+    left.axhline(1.0, color="black", lw=0.8)
+    left.set_xticks(range(len(cells)), [cell_label(*c) for c in cells])
+    left.set_xlabel("parameters x tensors")
+    left.set_ylabel(f"step time / {BASELINE} (lower is faster)")
+    left.set_title("optimizer.step() on CPU, same run")
+    left.legend(fontsize=8, ncols=2)
+    mem = [r for r in results
+           if r.numel == numel and r.n_tensors == 1 and r.state_bytes is not None]
+    peak_by = {p.name: p.extra_per_param for p in peaks}
+    ys = range(len(mem))
+    right.barh([y + 0.2 for y in ys], [r.state_bytes / r.numel for r in mem], 0.4, label="state")
+    right.barh([y - 0.2 for y in ys], [peak_by.get(r.name) or 0 for r in mem], 0.4,
+               label="peak added (RSS)")
+    right.set_yticks(list(ys), [r.name for r in mem], fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("bytes per parameter")
+    right.set_title(f"memory, {size_label(numel)} parameters")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

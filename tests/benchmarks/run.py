@@ -1,0 +1,179 @@
+"""`make bench`: eightbit's optimizers against torch.optim, bitsandbytes and torchao on the CPU.
+
+Run from the repository root::
+
+    python -m tests.benchmarks.run            # full run (< 10 min on 2 cores), writes the results
+    python -m tests.benchmarks.run --quick    # about a minute, prints only
+    python -m tests.benchmarks.run --only eightbit bitsandbytes --sizes 16M --layouts 1
+
+Measures, in one process with the contenders interleaved (see steps.py for the method):
+optimizer.step() time at each size and layout, as a ratio to torch.optim.Adam(fused=True) in the
+same run; optimizer-state bytes per parameter; quantize / dequantize throughput next to a copy
+(throughput.py); and peak process memory per contender in fresh subprocesses (memory.py). The
+full run writes tests/benchmarks/RESULTS.md (its CPU section), cpu_bench.png, and the table in
+the README's Performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import memory, report, steps, throughput
+from .contenders import BASELINE, all_contenders, select
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+MIN_STEPS = 20  # the median is over at least this many steps unless the cell says otherwise
+
+
+def _size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    value = int(text[:-1] if scale > 1 else text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return value * scale
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="a one-minute look: 1M and 16M as one tensor, fewer steps, no memory "
+                         "subprocesses, nothing written")
+    ap.add_argument("--sizes", type=lambda s: [_size(x) for x in s.split(",")],
+                    help="parameter counts, e.g. 1M,16M,64M (default; quick: 1M,16M)")
+    ap.add_argument("--layouts", type=lambda s: [int(x) for x in s.split(",")],
+                    help="number of equal tensors the parameters are cut into (default 1,64; "
+                         "quick: 1)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="contenders whose name contains one of these (the baseline always runs)")
+    ap.add_argument("--reps", type=int, help="timed steps per contender and cell, at most "
+                    "(default 25; quick 10)")
+    ap.add_argument("--min-reps", type=int, help="timed steps at least, however slow "
+                    "(default 5; quick 3)")
+    ap.add_argument("--budget", type=float, help="seconds of timed steps per contender and cell "
+                    "before the step count drops below --reps (default 10; quick 2)")
+    ap.add_argument("--max-step-s", type=float, help="a contender whose step takes longer is not "
+                    "timed at that size (default 5; quick 1.5)")
+    ap.add_argument("--memory-size", type=_size, default=16 << 20,
+                    help="parameters for the state and peak-memory table (default 16M)")
+    ap.add_argument("--throughput-size", type=_size,
+                    help="fp32 values for the quantize / dequantize throughput (default 16M; "
+                         "quick 4M)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--write", action=argparse.BooleanOptionalAction,
+                    help="write RESULTS.md, the PNG and the README table (default: full runs only)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    defaults = dict(sizes=[1 << 20, 16 << 20] if quick else [1 << 20, 16 << 20, 64 << 20],
+                    layouts=[1] if quick else [1, 64], reps=10 if quick else 25,
+                    min_reps=3 if quick else 5, budget=2.0 if quick else 10.0,
+                    max_step_s=1.5 if quick else 5.0, write=not quick,
+                    throughput_size=4 << 20 if quick else 16 << 20)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.no_memory = args.no_memory or quick
+    if min(args.reps, args.min_reps) < 1 or args.min_reps > args.reps:
+        ap.error("need 1 <= --min-reps <= --reps")
+    for n in args.sizes:
+        for k in args.layouts:
+            if k < 1 or n % k:
+                ap.error(f"{k} tensors do not divide {n} parameters evenly")
+    return args
+
+
+def _log(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _predictions(done: list[steps.StepResult], n_tensors: int, numel: int) -> dict[str, float]:
+    """Each contender's step time at ``numel``, scaled linearly from its largest smaller size."""
+    out = {}
+    for r in done:
+        if r.n_tensors == n_tensors and r.median_s and r.numel < numel:
+            out[r.name] = r.median_s * numel / r.numel
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    contenders = select(all_contenders(), args.only)
+    _log(f"eightbit benchmarks ({'quick' if args.quick else 'full'}) on {report.machine()}")
+    _log(report.versions())
+    for c in contenders:
+        if c.missing:
+            _log(f"  {c.name}: {c.missing}")
+    results: list[steps.StepResult] = []
+    for n_tensors in args.layouts:
+        for numel in sorted(args.sizes):
+            _log(f"\noptimizer.step(), {report.cell_label(numel, n_tensors)} "
+                 f"({numel:,} fp32 parameters in {n_tensors} tensor(s))")
+            cell = steps.time_cell(
+                contenders, numel, n_tensors, reps=args.reps, min_reps=args.min_reps,
+                budget_s=args.budget, max_step_s=args.max_step_s,
+                predicted=_predictions(results, n_tensors, numel), log=_log)
+            base = next(r.median_s for r in cell if r.name == BASELINE)
+            for r in cell:
+                if r.median_s is not None:
+                    _log(f"    {r.name:<30} {r.median_s * 1e3:10.2f} ms  x{r.median_s / base:7.2f}"
+                         f"  ({r.steps} steps, first step {r.first_step_s:.2f} s)")
+            results += cell
+            gc.collect()  # the cell's parameters and states go before the next cell's arrive
+    memory_numel = args.memory_size if args.memory_size in args.sizes else max(args.sizes)
+    if 1 not in args.layouts:
+        memory_numel = None
+    _log(f"\nquantize / dequantize, {args.throughput_size:,} fp32 values, block 256")
+    through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=args.min_reps,
+                                 budget_s=args.budget / 2, log=_log)
+    peaks: list[memory.PeakMemory] = []
+    if not args.no_memory and memory_numel:
+        _log(f"\npeak process memory, {memory_numel:,} parameters, one subprocess per optimizer")
+        names = [c.name for c in contenders if not c.missing]
+        peaks = memory.measure(names, memory_numel, log=_log)
+    elapsed = time.perf_counter() - started
+    tables = {
+        "step": report.step_table(results, min_steps=MIN_STEPS),
+        "memory": report.memory_table(results, peaks, memory_numel) if memory_numel else None,
+        "throughput": report.throughput_table(through),
+    }
+    _log(f"\n{report.console(tables['step'])}\n")
+    if tables["memory"]:
+        _log(f"{report.console(tables['memory'])}\n")
+    _log(f"{report.console(tables['throughput'])}\n")
+    _log(f"benchmark run time: {elapsed:.0f} s")
+    if args.write:
+        command = " ".join(["python -m tests.benchmarks.run", *(sys.argv[1:] if argv is None
+                                                                 else argv)])
+        _write(args, tables, results, peaks, memory_numel, elapsed, command)
+    return 0
+
+
+def _write(args, tables, results, peaks, memory_numel, elapsed, command) -> None:
+    from .writeup import readme_section, results_section
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = dict(stamp=stamp, machine=report.machine(), versions=report.versions(),
+                command=command, elapsed=elapsed, memory_numel=memory_numel,
+                min_steps=MIN_STEPS, args=args)
+    png = HERE / "cpu_bench.png"
+    report.chart(results, peaks, memory_numel or max(args.sizes), png)
+    report.replace_section(HERE / "RESULTS.md", results_section(tables, info),
+                           title="# Benchmark results\n")
+    report.replace_section(ROOT / "README.md", readme_section(tables, info),
+                           before="## Development")
+    _log(f"wrote {HERE / 'RESULTS.md'}, {png} and the README's Performance section")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The text `make bench` writes: its section of RESULTS.md and the README's Performance section."""
+
+from __future__ import annotations
+
+import textwrap
+
+from .memory import STEPS
+from .report import BASELINE, markdown
+
+METHOD = """\
+How it was measured (tests/benchmarks/, `make bench`):
+
+- **Step time**: median of the timed `optimizer.step()` calls of each optimizer, fp32 parameters
+  and gradients, default hyperparameters (lr 1e-3). All optimizers of a size share one process
+  and run interleaved, round by round, so machine noise hits them alike. Before each step a
+  fresh gradient is copied in from a pool of 3 pre-made ones (outside the timed region). The
+  first step is not timed: it creates the state and, for compiled optimizers, compiles (its time
+  is the "first step" column). An optimizer gets `clamp({budget:g} s / its second step's time,
+  {min_reps}, {reps})` timed steps: the fast ones at least {min_steps}; cells marked `[n steps]`
+  had fewer because each step takes a second or more. An optimizer whose step would take more
+  than {max_step_s:g} s at a size (predicted from the next smaller size) is skipped there, which
+  keeps the run under 10 minutes on 2 cores.
+- **Ratios** are to `{baseline}` in the same run and the same cell (lower is faster).
+- **State B/param**: bytes of all tensors in `optimizer.state` (each storage once; tensor
+  subclasses such as torchao's are opened to their inner tensors) divided by the parameter count.
+- **Peak RSS**: a fresh subprocess per optimizer runs it once on 65,536 parameters (so that
+  lazily loaded code does not count), then makes {memory_size} fp32 parameters and gradients,
+  reads its resident set size (VmRSS), resets the kernel's peak (`/proc/self/clear_refs`),
+  builds the optimizer, runs {mem_steps} steps and reads the peak (VmHWM). "Peak added" is
+  peak - resident before, per parameter: the state plus the step's worst temporaries (plus the
+  compiler, for compiled optimizers). `tracemalloc` cannot see torch's allocations, and
+  `ru_maxrss` of a subprocess inherits its parent's peak.
+- **Throughput**: GB/s = (bytes read + bytes written) / median time; quantize of n fp32 values
+  reads 4n and writes n + 4n/256 bytes, dequantize the reverse, a copy reads and writes 4n.
+  Each quantizer's round trip error on randn data is shown so that speed cannot hide a wrong
+  result.
+- torchao's `AdamW8bit` calls `torch.compile` inside `step()`; the "eager" row runs the same
+  code under `torch.compiler.set_stance("force_eager")`.
+"""
+
+
+def _short(entry: str) -> str:
+    if entry.startswith("not"):
+        return "not installed" if "installed" in entry else "n/a"
+    if entry.startswith("skipped"):
+        return "skipped (slow)"
+    if entry.startswith("failed"):
+        return "failed"
+    return entry
+
+
+def _ratio_only(entry: str) -> str:
+    if "(" in entry and "x)" in entry:
+        return entry[entry.index("(") + 1: entry.index("x)") + 1]
+    return _short(entry)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False)
+
+
+def summary_table(tables: dict) -> list[list[str]]:
+    """Per optimizer: state bytes per parameter, then the step-time ratio in every cell."""
+    step = tables["step"]
+    state = {row[0]: row[1] for row in (tables["memory"] or [])[1:]}
+    header = ["optimizer", "state B/param"] + [f"step {c}" for c in step[0][1:]]
+    rows = [header]
+    for row in step[1:]:
+        rows.append([row[0], _short(state.get(row[0], "-"))] + [_ratio_only(e) for e in row[1:]])
+    return rows
+
+
+def _method(info: dict) -> str:
+    a = info["args"]
+    return METHOD.format(
+        budget=a.budget, min_reps=a.min_reps, reps=a.reps, min_steps=info["min_steps"],
+        max_step_s=a.max_step_s, baseline=BASELINE, mem_steps=STEPS,
+        memory_size=f"{(info['memory_numel'] or 0):,}",
+    )
+
+
+def results_section(tables: dict, info: dict) -> str:
+    parts = [
+        "## CPU: `make bench`",
+        f"Measured {info['stamp']} on {info['machine']}.  \n{info['versions']}.  \n"
+        f"Command: `{info['command']}` ({info['elapsed'] / 60:.1f} minutes).",
+        "![step time ratios and memory](cpu_bench.png)",
+        "### optimizer.step() time: median, and ratio to torch Adam fused in the same cell",
+        "Columns: parameters x number of equal tensors.",
+        markdown(tables["step"]),
+    ]
+    if tables["memory"]:
+        parts += [f"### Memory at {info['memory_numel']:,} parameters (one tensor)",
+                  markdown(tables["memory"])]
+    parts += ["### Blockwise quantize / dequantize throughput (block 256)",
+              markdown(tables["throughput"]), _method(info)]
+    return "\n\n".join(parts)
+
+
+def readme_section(tables: dict, info: dict) -> str:
+    intro = (
+        "`make bench` times `optimizer.step()` against torch.optim, bitsandbytes and torchao side "
+        "by side on your machine (`make bench-quick` for a one-minute look); it installs the peers "
+        f"into `.venv` first. On {info['machine']} ({info['stamp'][:10]}), step time relative to "
+        "`torch.optim.Adam(fused=True)` in the same run (lower is faster; fp32 parameters; "
+        "columns: parameters x tensors) and optimizer state per parameter:"
+    )
+    outro = (
+        "Full tables (milliseconds, peak memory, quantize/dequantize GB/s), the chart and the "
+        "method: [tests/benchmarks/RESULTS.md](tests/benchmarks/RESULTS.md)."
+    )
+    return "\n\n".join(["## Performance", _wrap(intro), markdown(summary_table(tables)),
+                        _wrap(outro)])
