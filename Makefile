@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml requirements/dev.txt
 
 install: $(STAMP)
 
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
