@@ -38,7 +38,7 @@ struct AdamRule {
       if (decoupled) p = p * decay;
       else g = g + l2 * p;
     }
-    s[0] = s[0] + w1 * (g - s[0]);
+    s[0] = lerp(s[0], g, w1);
     s[1] = s[1] * b2 + w2 * (g * g);
     float v = s[1];
     if (amsgrad) {

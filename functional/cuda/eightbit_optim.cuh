@@ -51,6 +51,12 @@ __device__ __forceinline__ int find_tensor(const long long* __restrict__ table, 
   return lo;
 }
 
+// torch.lerp's formula (ATen/native/Lerp.h): a + w (b - a) for |w| < 0.5, else
+// b - (b - a)(1 - w), so that both ends are exact. w is uniform, so the branch does not diverge.
+__device__ __forceinline__ float lerp(float a, float b, float w) {
+  return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
 // NaN-propagating maximum (torch.maximum); fmaxf would drop a NaN.
 __device__ __forceinline__ float nan_max(float a, float b) {
   return a != a ? a : (b != b ? b : fmaxf(a, b));
@@ -91,10 +97,14 @@ __device__ __forceinline__ void round_items_stochastic(float (&v)[kItems], unsig
       Philox{static_cast<unsigned>(chunk), static_cast<unsigned>(chunk >> 32),
              static_cast<unsigned>(tensor), 0u},
       static_cast<unsigned>(seed), static_cast<unsigned>(seed >> 32));
-  const unsigned words[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-  for (int k = 0; k < kItems; ++k)
-    v[k] = round_bf16_stochastic(v[k], (words[k >> 1] >> (16 * (k & 1))) & 0xffffu);
+  v[0] = round_bf16_stochastic(v[0], r.x & 0xffffu);
+  v[1] = round_bf16_stochastic(v[1], r.x >> 16);
+  v[2] = round_bf16_stochastic(v[2], r.y & 0xffffu);
+  v[3] = round_bf16_stochastic(v[3], r.y >> 16);
+  v[4] = round_bf16_stochastic(v[4], r.z & 0xffffu);
+  v[5] = round_bf16_stochastic(v[5], r.z >> 16);
+  v[6] = round_bf16_stochastic(v[6], r.w & 0xffffu);
+  v[7] = round_bf16_stochastic(v[7], r.w >> 16);
 }
 
 // ---------------------------------------------------------------- the driver
@@ -121,18 +131,21 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
   const long long tile_items = static_cast<long long>(blockDim.x) * kItems;
   const unsigned long long random_key =
       seed != nullptr ? static_cast<unsigned long long>(*seed) : 0ull;
-  int current = -1;
+  int t = -1;
+  long long first_tile = 0, end_tile = 0;  // the tiles of parameter t
   // Every branch below depends on the tile (the CTA) only, so all threads reach the barriers.
   for (long long tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const int t = find_tensor(table, num_tensors, tile);
-    const long long* e = table + static_cast<long long>(t) * kFields;
-    if (t != current) {
+    if (tile < first_tile || tile >= end_tile) {  // another parameter: find it, prepare it
+      t = find_tensor(table, num_tensors, tile);
+      const long long* e = table + static_cast<long long>(t) * kFields;
+      first_tile = e[kFirstTile];
+      end_tile = first_tile + (e[kNumel] + tile_items - 1) / tile_items;
       rule.prepare(reinterpret_cast<const float*>(e[kStep]));
-      current = t;
     }
+    const long long* e = table + static_cast<long long>(t) * kFields;
     const long long n = e[kNumel];
     const bool vec = e[kAligned] != 0;
-    const long long i = (tile - e[kFirstTile]) * tile_items +
+    const long long i = (tile - first_tile) * tile_items +
                         static_cast<long long>(threadIdx.x) * kItems;
     const bool live = i < n;  // the thread holds at least one element
     T* param = reinterpret_cast<T*>(e[kParam]);

@@ -29,8 +29,8 @@ struct LionRule {
   __device__ __forceinline__ void update(float& p, float g, float (&s)[kStates]) const {
     if (maximize) g = -g;
     const float c = s[0] * b1 + w1 * g;
-    // torch.sign: -1, 0 or +1, NaN stays NaN
-    const float direction = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);
+    // torch.sign, (0 < c) - (c < 0): -1, 0 or +1, and 0 for NaN
+    const float direction = (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);
     if (weight_decay != 0.0) p = p * decay;
     p = p + neg_lr * direction;
     s[0] = s[0] * b2 + w2 * g;

@@ -35,7 +35,7 @@ struct RMSpropRule {
     s[0] = s[0] * a + w * (g * g);
     float avg;
     if (centered) {
-      s[2] = s[2] + w * (g - s[2]);
+      s[2] = lerp(s[2], g, w);
       const float var = s[0] - s[2] * s[2];
       avg = __fsqrt_rn(var < 0.0f ? 0.0f : var);  // keeps NaN, unlike fmaxf
     } else {
