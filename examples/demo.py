@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -70,8 +69,33 @@ def state_mib(opt: torch.optim.Optimizer) -> float:
 
 
 def rss_mib() -> float:
+    """The process's resident memory now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's high-water mark of resident memory at the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    """The high-water mark of resident memory since the last reset (VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def warm_up(make, device) -> None:
+    """Two steps on a throwaway model, so that one-time costs (kernel compilation, allocator
+    growth) are paid before anything is measured."""
+    model = CharMLP(128).to(device)
+    opt = make(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        x = torch.randint(0, 128, (8, CONTEXT), device=device)
+        model(x).sum().backward()
+        opt.step()
 
 
 def train(name: str, args) -> dict:
@@ -86,10 +110,14 @@ def train(name: str, args) -> dict:
     model = CharMLP(args.width).to(device)
     make = {"torch.optim.AdamW": torch.optim.AdamW,
             "eightbit.optim.AdamW8bit": eightbit.optim.AdamW8bit}[name]
+    warm_up(make, device)
     opt = make(model.parameters(), lr=args.lr, weight_decay=0.01)
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    base_rss = rss_mib()
+    else:
+        base_rss = rss_mib()
+        reset_peak_rss()
     losses, step_times = [], []
     stream = batches(train_data, args.batch, seed=1)
     report_every = max(1, args.steps // 10)
@@ -114,8 +142,8 @@ def train(name: str, args) -> dict:
         val_loss = torch.nn.functional.cross_entropy(model(vx.to(device)), vy.to(device)).item()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:  # the process's high-water mark above what it held before training
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    else:  # the high-water mark of resident memory above what the process held before training
+        peak = peak_rss_mib() - base_rss
     steady = step_times[len(step_times) // 5:]  # leave out warm-up
     return {
         "optimizer": name,
@@ -130,7 +158,7 @@ def train(name: str, args) -> dict:
 
 
 def table(results: list[dict], device: str) -> str:
-    peak = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB (training)"
+    peak = "peak GPU MiB" if device.startswith("cuda") else "peak RSS MiB above start"
     head = ["optimizer", "state MiB", peak, "ms / step", "final train loss", "val loss"]
     rows = [[r["optimizer"], f"{r['state_mib']:.2f}", f"{r['peak_mib']:.0f}",
              f"{r['ms_per_step']:.1f}", f"{r['final_loss']:.3f}", f"{r['val_loss']:.3f}"]

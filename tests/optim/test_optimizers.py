@@ -266,3 +266,29 @@ def test_state_is_created_from_the_local_tensor_and_the_size_rule_sees_the_whole
     assert state["exp_avg_codes"].shape == shard.shape  # 8-bit, shaped like the shard
     assert state["exp_avg_absmax"].numel() == num_blocks(3000, 256)
     assert not torch.equal(shard, before)  # the update went to the local shard
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_a_real_dtensor_parameter_in_a_one_rank_process_group():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        full = torch.randn(100, 60)
+        param = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        ref = torch.nn.Parameter(full.clone())
+        ours, theirs = Adam8bit([param]), Adam8bit([ref])
+        for t in range(3):
+            g = torch.randn(100, 60, generator=torch.Generator().manual_seed(t))
+            param.grad = distribute_tensor(g, mesh, [Shard(0)])
+            ref.grad = g
+            ours.step(), theirs.step()
+        state = ours.state[param]
+        assert type(state["exp_avg_codes"]) is torch.Tensor  # plain local state
+        assert torch.equal(param.to_local(), ref.detach())  # one rank: the same as unsharded
+        assert torch.equal(state["exp_avg_codes"], theirs.state[ref]["exp_avg_codes"])
+    finally:
+        dist.destroy_process_group()
