@@ -12,6 +12,11 @@
 // A tile is blockDim.x * 8 elements of one parameter (whole quantization blocks); every
 // parameter starts on a fresh tile, so one launch mixes any sizes and a CTA finds its parameter
 // by binary search over the first tiles. Indices are 64-bit throughout.
+//
+// Numerics: dequantization and requantization are exact (eightbit_quant.cuh). The update rules
+// are plain fp32 expressions, compiled with FMA contraction and under CuPy's -ftz=true, so an
+// intermediate below 2^-126 (1.2e-38) is flushed to zero: differences from the torch path are
+// at the level of fp32 rounding.
 #pragma once
 
 #include "eightbit_quant.cuh"
@@ -86,7 +91,7 @@ __device__ __forceinline__ Philox philox4x32_10(Philox c, unsigned k0, unsigned 
 // so E[result] = x: add 16 random bits to the fp32 pattern and clear the low half. The result is
 // exactly representable in bfloat16, so the round-to-nearest store keeps it. inf/NaN unchanged.
 __device__ __forceinline__ float round_bf16_stochastic(float x, unsigned random16) {
-  if (!(fabsf(x) <= kFloatMax)) return x;
+  if ((__float_as_uint(x) & 0x7fffffffu) >= 0x7f800000u) return x;
   return __uint_as_float((__float_as_uint(x) + random16) & 0xffff0000u);
 }
 
@@ -123,7 +128,7 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
   constexpr int S = Rule::kStates;
   static_assert(S >= 1 && S <= kMaxStates, "a rule keeps one to three 8-bit states");
   __shared__ Codebook books[2];  // [0] signed map, [1] unsigned map
-  __shared__ float scratch[kMaxWarps];
+  __shared__ unsigned scratch[kMaxWarps];
   load_codebook(books[0], signed_codebook);
   load_codebook(books[1], unsigned_codebook);
   __syncthreads();

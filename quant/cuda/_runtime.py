@@ -36,9 +36,12 @@ CUPY_MISSING = (
 # Headers are looked up next to the including file, then here (quant/cuda).
 HEADER_DIR = Path(__file__).resolve().parent
 
-# IEEE division and square root, no flush-to-zero: the numerics contract of eightbit.quant.
-# (NVRTC's defaults, spelled out so that no environment default can change them.)
-COMPILE_OPTIONS = ("--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=true")
+# IEEE division and square root (NVRTC's defaults, spelled out). CuPy itself appends
+# -ftz=true to every compilation (cupy/cuda/compiler.py), after these options, so flush-to-zero
+# cannot be turned off here: the quantization arithmetic of eightbit_quant.cuh is written in PTX
+# without .ftz and on bit patterns instead, so that it keeps subnormals whatever the flag.
+COMPILE_OPTIONS = ("--prec-div=true", "--prec-sqrt=true", "--fmad=true")
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 
 CTYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 

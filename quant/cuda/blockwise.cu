@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(512) quantize_blockwise_kernel(const T* __rest
                                           const float* __restrict__ codebook, long long n,
                                           int block_size, int aligned) {
   __shared__ Codebook cb;
-  __shared__ float scratch[kMaxWarps];
+  __shared__ unsigned scratch[kMaxWarps];
   load_codebook(cb, codebook);
   __syncthreads();
   const int group = block_size / kItems;

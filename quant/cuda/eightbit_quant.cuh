@@ -5,7 +5,7 @@
 // Numerics (the contract of eightbit.quant, identical to the torch path quant/_torch.py):
 //   absmax  = max |x| over the block in fp32; a block holding inf or NaN gets absmax NaN and the
 //             code of 0.0 everywhere; a block of zeros gets absmax 0 and the code of 0.0.
-//   y       = x / absmax, IEEE fp32 division (compiled without fast-math or flush-to-zero).
+//   y       = x / absmax, IEEE fp32 division, subnormals kept (see "exact arithmetic" below).
 //   code    = #{ j : t_j < y }, t_j = the exact midpoint (c_j + c_j+1) / 2 rounded down to fp32
 //             (quant/codebook.py midpoints), so ties go to the lower index.
 //   decode  = codebook[code] * absmax, one fp32 multiply.
@@ -24,7 +24,6 @@ constexpr int kItems = 8;          // elements per thread
 constexpr int kCodes = 256;        // codebook entries
 constexpr int kMaxWarps = 16;      // a CTA has at most 512 threads
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr float kFloatMax = 3.402823466e+38f;
 
 // ---------------------------------------------------------------- element conversion (fp32 math)
 
@@ -43,6 +42,46 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// ---------------------------------------------------------------- exact arithmetic
+// CuPy compiles every module with -ftz=true (cupy/cuda/compiler.py appends it after the caller's
+// options), and under that flag the compiler flushes subnormal fp32 inputs and results of its own
+// instructions to zero. The quantization arithmetic must equal the torch path bit for bit,
+// subnormals included, so it uses PTX instructions without .ftz (inline asm is not rewritten by
+// the flag) and integer operations on bit patterns. The compile test checks that the blockwise
+// kernels contain no .ftz instruction.
+
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ bool less_than(float a, float b) {
+  unsigned r;
+  asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r)
+      : "f"(a), "f"(b));
+  return r != 0;
+}
+
+__device__ __forceinline__ double float_to_double(float x) {
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ float double_to_float_down(double x) {
+  float r;
+  asm("cvt.rm.f32.f64 %0, %1;" : "=f"(r) : "d"(x));
+  return r;
+}
 
 // ---------------------------------------------------------------- 8-element vector load/store
 // Element i (a multiple of 8) of an array of n. `vec` says the base pointer is aligned for
@@ -129,11 +168,11 @@ struct Codebook {
 
 // The exact midpoint rounded down to fp32: the fp64 sum of two floats is exact for every
 // codebook eightbit builds (neighbours within 2^29 of each other, or one of them 0), the halving
-// is exact, and __double2float_rd rounds toward -inf: the value quant/codebook.py's midpoints()
+// is exact, and cvt.rm rounds toward -inf: the value quant/codebook.py's midpoints()
 // gets with nextafter.
 __device__ __forceinline__ float threshold(float lo, float hi) {
-  return __double2float_rd(__dmul_rn(__dadd_rn(static_cast<double>(lo), static_cast<double>(hi)),
-                                     0.5));
+  return double_to_float_down(
+      __dmul_rn(__dadd_rn(float_to_double(lo), float_to_double(hi)), 0.5));
 }
 
 // Fill `cb` from 256 fp32 values in global memory. All threads of the CTA call it; the caller
@@ -152,26 +191,29 @@ __device__ __forceinline__ unsigned encode(float y, const float* __restrict__ th
   unsigned c = 0;
 #pragma unroll
   for (unsigned step = 128; step > 0; step >>= 1)
-    if (thresholds[c + step - 1] < y) c += step;
+    if (less_than(thresholds[c + step - 1], y)) c += step;
   return c;
 }
 
 // ---------------------------------------------------------------- block absmax
+// Reduced on bit patterns: for |x| (sign bit cleared) the unsigned order of the patterns is the
+// order of the values, subnormals included. Every non-finite value is mapped to the pattern of
+// +inf, so the group maximum is +inf exactly when the block holds inf or NaN.
 
-// |x| with every non-finite value mapped to +inf, so that fmaxf (which drops NaN operands)
-// still marks the block: the group maximum is +inf exactly when the block holds inf or NaN.
-__device__ __forceinline__ float magnitude(float x) {
-  const float a = fabsf(x);
-  return a <= kFloatMax ? a : __int_as_float(0x7f800000);
+__device__ __forceinline__ unsigned magnitude_bits(float x) {
+  const unsigned a = __float_as_uint(x) & 0x7fffffffu;
+  return a < 0x7f800000u ? a : 0x7f800000u;
 }
 
 // Maximum of v over the group of `group` consecutive threads (a power of two, 8 .. 512; the
 // CTA size is a multiple of it). Every thread of the CTA must call it (it may synchronise the
-// CTA when a group spans warps); scratch holds kMaxWarps floats of shared memory.
-__device__ __forceinline__ float group_max(float v, int group, float* scratch) {
+// CTA when a group spans warps); scratch holds kMaxWarps words of shared memory.
+__device__ __forceinline__ unsigned group_max(unsigned v, int group, unsigned* scratch) {
   const int width = group < 32 ? group : 32;
-  for (int offset = width >> 1; offset > 0; offset >>= 1)
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  for (int offset = width >> 1; offset > 0; offset >>= 1) {
+    const unsigned other = __shfl_xor_sync(kFullMask, v, offset);
+    v = other > v ? other : v;
+  }
   if (group > 32) {
     const int warp = threadIdx.x >> 5;
     const int warps = group >> 5;
@@ -180,21 +222,21 @@ __device__ __forceinline__ float group_max(float v, int group, float* scratch) {
     __syncthreads();
     const int first = warp & ~(warps - 1);
     v = scratch[first];
-    for (int w = 1; w < warps; ++w) v = fmaxf(v, scratch[first + w]);
+    for (int w = 1; w < warps; ++w) v = scratch[first + w] > v ? scratch[first + w] : v;
   }
   return v;
 }
 
-// Block scale from the group maximum of magnitude(): what is stored (NaN for a non-finite
+// Block scale from the group maximum of magnitude_bits(): what is stored (NaN for a non-finite
 // block) and whether the values are divided by it (finite and non-zero) or coded as 0.0.
 struct Scale {
   float stored;
   bool divide;
 };
 
-__device__ __forceinline__ Scale block_scale(float max_magnitude) {
-  const bool finite = max_magnitude <= kFloatMax;
-  return Scale{finite ? max_magnitude : quiet_nan(), finite && max_magnitude > 0.0f};
+__device__ __forceinline__ Scale block_scale(unsigned max_bits) {
+  const bool finite = max_bits < 0x7f800000u;
+  return Scale{finite ? __uint_as_float(max_bits) : quiet_nan(), finite && max_bits != 0u};
 }
 
 // Codes of one thread's values in a block of the given scale.
@@ -203,17 +245,20 @@ __device__ __forceinline__ void encode_items(const float (&v)[kItems], Scale s,
                                              unsigned (&c)[kItems]) {
 #pragma unroll
   for (int k = 0; k < kItems; ++k)
-    c[k] = encode(s.divide ? __fdiv_rn(v[k], s.stored) : 0.0f, thresholds);
+    c[k] = encode(s.divide ? div_rn(v[k], s.stored) : 0.0f, thresholds);
 }
 
 // Quantize one thread's values: reduce the absmax over the thread's group, compute the codes,
 // and return the block scale (the group's first thread stores scale.stored).
 __device__ __forceinline__ Scale quantize_items(const float (&v)[kItems], int group,
                                                 const float* __restrict__ thresholds,
-                                                float* scratch, unsigned (&c)[kItems]) {
-  float m = 0.0f;
+                                                unsigned* scratch, unsigned (&c)[kItems]) {
+  unsigned m = 0u;
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) m = fmaxf(m, magnitude(v[k]));
+  for (int k = 0; k < kItems; ++k) {
+    const unsigned a = magnitude_bits(v[k]);
+    m = a > m ? a : m;
+  }
   const Scale s = block_scale(group_max(m, group, scratch));
   encode_items(v, s, thresholds, c);
   return s;
@@ -223,7 +268,7 @@ __device__ __forceinline__ void decode_items(const unsigned (&c)[kItems], float 
                                              const float* __restrict__ values,
                                              float (&v)[kItems]) {
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) v[k] = __fmul_rn(values[c[k]], absmax);
+  for (int k = 0; k < kItems; ++k) v[k] = mul_rn(values[c[k]], absmax);
 }
 
 }  // namespace eightbit

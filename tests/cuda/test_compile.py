@@ -44,9 +44,11 @@ def test_nvrtc_compiles_without_warnings(source, arch):
     nvrtc, core = _nvrtc()
     expressions = _runtime.name_expressions(source)
     # The options RawModule compiles with at run time (CuPy's include paths and C++ standard,
-    # plus eightbit's numerics options), for a virtual architecture (no driver needed).
+    # eightbit's options, then the -ftz=true CuPy appends), for a virtual architecture (no
+    # driver needed).
     options = [
         *core.assemble_cupy_compiler_options(_runtime.COMPILE_OPTIONS),
+        *_runtime.CUPY_APPENDED_OPTIONS,
         f"-arch=compute_{arch}",
     ]
     program = nvrtc.createProgram(_runtime.load_source(source), source.name, [], [])
@@ -61,7 +63,12 @@ def test_nvrtc_compiles_without_warnings(source, arch):
         assert log == "", f"NVRTC warnings for {source.name}:\n{log}"
         for expression in expressions:
             assert nvrtc.getLoweredName(program, expression).startswith("_ZN8eightbit")
-        assert ".entry" in nvrtc.getPTX(program).decode(errors="replace")
+        ptx = nvrtc.getPTX(program).decode(errors="replace")
+        assert ".entry" in ptx
+        if source.name == "blockwise.cu":
+            # bit-exact quantization: no instruction may flush subnormals, although CuPy
+            # compiles with -ftz=true
+            assert ".ftz" not in ptx, [line for line in ptx.splitlines() if ".ftz" in line][:5]
     finally:
         nvrtc.destroyProgram(program)
 
@@ -91,7 +98,7 @@ def test_nvcc_compiles_without_warnings_or_spills(source, arch, tmp_path):
             "-v",
             "-Werror",
             "all-warnings",
-            "-ftz=false",
+            "-ftz=true",
             "-prec-div=true",
             "-prec-sqrt=true",
             "-o",

@@ -426,7 +426,7 @@ def test_modules_compile_once_per_source_dtypes_and_device(monkeypatch):
             assert kernel.function == f"eightbit::{name}<__nv_bfloat16>"
     assert len(built) == 1 and sum(_runtime.compilations.values()) == 1
     code, options, expressions = built[0]
-    assert options == _runtime.COMPILE_OPTIONS and "--ftz=false" in options
+    assert options == _runtime.COMPILE_OPTIONS and "--prec-div=true" in options
     assert set(expressions) == {
         "eightbit::quantize_blockwise_kernel<__nv_bfloat16>",
         "eightbit::dequantize_blockwise_kernel<__nv_bfloat16>",
