@@ -25,7 +25,7 @@ from ...quant.cuda._runtime import check_tensor, cuda_device, get_kernel, grid_f
 KERNEL_DIR = Path(__file__).resolve().parent
 FIELDS = 12  # eightbit_optim.cuh kFields
 MAX_STATES = 3
-_TABLES_PER_DEVICE = 32
+_PLANS = 32
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class Group:
     grads: list = dataclasses.field(default_factory=list)
     states: list = dataclasses.field(default_factory=list)  # per param: MAX_STATES (codes, absmax)
     steps: list = dataclasses.field(default_factory=list)
-    writebacks: list = dataclasses.field(default_factory=list)  # (original, contiguous copy)
+    copies: list = dataclasses.field(default_factory=list)  # (original or None, temporary)
 
 
 def group_params(
@@ -64,9 +64,12 @@ def group_params(
         group = groups.setdefault(key, Group())
         work = p if p.is_contiguous() else p.contiguous()
         if work is not p:
-            group.writebacks.append((p, work))
+            group.copies.append((p, work))
         group.params.append(work)
-        group.grads.append(g.contiguous())
+        contiguous = g.contiguous()
+        if contiguous is not grads[index]:  # an upcast or compacted copy lives for this call only
+            group.copies.append((None, contiguous))
+        group.grads.append(contiguous)
         group.states.append(
             [
                 (codes[index], absmax[index]) if codes is not None else (None, None)
@@ -80,6 +83,7 @@ def group_params(
             step = steps[index]
             if step.device != device or step.dtype != torch.float32:
                 step = step.to(device=device, dtype=torch.float32, non_blocking=True)
+                group.copies.append((None, step))  # a temporary: the plan is not kept
             group.steps.append(step)
     return groups
 
@@ -105,17 +109,6 @@ def _validate(group: Group, block_size: int, device: torch.device) -> None:
                 )
         if step is not None:
             check_tensor(step, torch.float32, device, "a step counter")
-
-
-def _key(group: Group, block_size: int) -> tuple:
-    parts = [block_size]
-    for p, g, states, step in zip(
-        group.params, group.grads, group.states, group.steps, strict=True
-    ):
-        parts += (p.data_ptr(), p.numel(), g.data_ptr())
-        parts += (0 if t is None else t.data_ptr() for pair in states for t in pair)
-        parts.append(0 if step is None else step.data_ptr())
-    return tuple(parts)
 
 
 def _build_table(
@@ -147,34 +140,84 @@ def _build_table(
     return host, host.to(device, non_blocking=True), first
 
 
-class _Tables:
-    """Device tables by content (pointers and sizes), a bounded LRU per device. Tables made
-    while a CUDA graph is being captured are never evicted: the graph reads them at replay."""
+@dataclasses.dataclass
+class Plan:
+    """One launch: the kernel's dtypes and device, and its table on the device (``host`` keeps
+    the pinned source of the copy alive)."""
+
+    device: torch.device
+    dtypes: tuple[torch.dtype, torch.dtype]
+    host: torch.Tensor
+    table: torch.Tensor
+    num_tensors: int
+    num_tiles: int
+    copies: list
+
+
+def _signature(params, grads, states, steps, block_size) -> tuple:
+    """What a plan depends on: every address, and the size, dtype and layout of parameters and
+    gradients (a transposed view shares its tensor's address). States and steps are the
+    optimizer's own contiguous tensors, so their addresses identify them."""
+    key = [block_size]
+    key += [(p.data_ptr(), p.numel(), p.dtype, p.is_contiguous()) for p in params]
+    key += [(g.data_ptr(), g.dtype, g.is_contiguous()) for g in grads]
+    for codes, absmax in states:
+        if codes is None:
+            key.append(None)
+        else:
+            key += [c.data_ptr() for c in codes]
+            key += [a.data_ptr() for a in absmax]
+    if steps is not None:
+        key += [(t.data_ptr(), t.device.type) for t in steps]
+    return tuple(key)
+
+
+class _Plans:
+    """Launch plans by signature, a bounded LRU. A plan used while a CUDA graph is captured is
+    never evicted: the graph reads its table at every replay."""
 
     def __init__(self) -> None:
-        self._lru: dict[torch.device, collections.OrderedDict] = {}
-        self._captured: dict[tuple, tuple] = {}
+        self._lru: collections.OrderedDict = collections.OrderedDict()
+        self._captured: dict[tuple, list[Plan]] = {}
 
-    def get(self, group: Group, block_size: int, tile: int, device: torch.device):
-        key = _key(group, block_size)
-        lru = self._lru.setdefault(device, collections.OrderedDict())
-        entry = lru.get(key) or self._captured.get((device, key))
-        if entry is None:
-            _validate(group, block_size, device)
-            entry = _build_table(group, tile, device)
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                self._captured[(device, key)] = entry
-            else:
-                lru[key] = entry
-                while len(lru) > _TABLES_PER_DEVICE:
-                    lru.popitem(last=False)
-        elif key in lru:
-            lru.move_to_end(key)
-        _host, table, num_tiles = entry
-        return table, num_tiles
+    def get(self, key: tuple) -> list[Plan] | None:
+        plans = self._lru.get(key) or self._captured.get(key)
+        if plans is not None:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+            if _capturing(plans[0].device):
+                self._captured[key] = plans
+        return plans
+
+    def put(self, key: tuple, plans: list[Plan]) -> None:
+        if not plans or any(plan.copies for plan in plans):
+            return
+        if _capturing(plans[0].device):
+            self._captured[key] = plans
+            return
+        self._lru[key] = plans
+        while len(self._lru) > _PLANS:
+            self._lru.popitem(last=False)
 
 
-tables = _Tables()
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+plans = _Plans()
+
+
+def _make_plans(params, grads, states, steps, block_size: int, tile: int) -> list[Plan]:
+    made = []
+    for (device, p_dtype, g_dtype), group in group_params(params, grads, states, steps).items():
+        _validate(group, block_size, device)
+        host, table, num_tiles = _build_table(group, tile, device)
+        made.append(
+            Plan(
+                device, (p_dtype, g_dtype), host, table, len(group.params), num_tiles, group.copies
+            )
+        )
+    return made
 
 
 def learning_rate(
@@ -223,23 +266,29 @@ def launch(
     """
     check_block_size(block_size)
     block, tile = launch_shape(block_size)
-    for (device, p_dtype, g_dtype), group in group_params(params, grads, states, steps).items():
-        kernel = get_kernel(KERNEL_DIR / source, kernel_name, (p_dtype, g_dtype), device)
-        table, num_tiles = tables.get(group, block_size, tile, device)
+    key = (kernel_name, _signature(params, grads, states, steps, block_size))
+    todo = plans.get(key)
+    if todo is None:
+        todo = _make_plans(params, grads, states, steps, block_size, tile)
+        plans.put(key, todo)
+    for plan in todo:
+        device = plan.device
+        kernel = get_kernel(KERNEL_DIR / source, kernel_name, plan.dtypes, device)
         lr_ptr, lr_value = learning_rate(lr, device)
         kernel.launch(
-            table,
-            len(group.params),
-            num_tiles,
+            plan.table,
+            plan.num_tensors,
+            plan.num_tiles,
             get_codebook("dynamic", signed=True, device=device),
             get_codebook("dynamic", signed=False, device=device),
             block_size,
             lr_ptr,
             lr_value,
             *hyper,
-            random_seed(p_dtype, stochastic_rounding, device),
-            grid=grid_for(num_tiles, block, device),
+            random_seed(plan.dtypes[0], stochastic_rounding, device),
+            grid=grid_for(plan.num_tiles, block, device),
             block=block,
         )
-        for original, work in group.writebacks:
-            original.copy_(work)
+        for original, work in plan.copies:
+            if original is not None:
+                original.copy_(work)

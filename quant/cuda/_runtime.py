@@ -48,7 +48,8 @@ CTYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: 
 # Number of NVRTC module builds per (source, template arguments, device index): a test checks
 # that a second call does not compile again.
 compilations: collections.Counter = collections.Counter()
-_modules: dict[tuple[str, str, int], object] = {}
+_modules: dict[tuple[str, str, int], object] = {}  # (source, template args, device index)
+_kernels: dict[tuple, Kernel] = {}  # (source, kernel, dtypes, device)
 
 
 @functools.cache
@@ -206,8 +207,12 @@ def check_tensor(t: torch.Tensor, dtype: torch.dtype, device: torch.device, name
 
 def to_cupy(t: torch.Tensor):
     """A CuPy view of a CUDA tensor by DLPack: zero copy, and no stream synchronisation when
-    CuPy's current stream is torch's (as inside :meth:`Kernel.launch`)."""
-    return cupy().from_dlpack(t.detach())
+    CuPy's current stream is torch's (as inside :meth:`Kernel.launch`). A kernel needs only the
+    address, so bfloat16 crosses as int16 (CuPy before v14 has no bfloat16 dtype)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return cupy().from_dlpack(t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,14 +281,19 @@ def get_kernel(
 
     The first request for a (source, dtypes, device) compiles all kernels of the source with
     those template arguments in one NVRTC program (counted in :data:`compilations`); later
-    requests reuse it. CuPy caches the binary on disk, so another process only loads it.
+    requests reuse it (and the :class:`Kernel`, so that a launch costs no parsing). CuPy caches
+    the binary on disk, so another process only loads it.
     """
+    dtypes = tuple(dtypes)
+    fast = (str(path), name, dtypes, device)
+    kernel = _kernels.get(fast)
+    if kernel is not None:
+        return kernel
     path = Path(path).resolve()
     source = _sources(path)
     kernels = parse_kernels(source)
     if name not in kernels:
         raise KeyError(f"{path.name} has no kernel template {name!r} (it has {sorted(kernels)})")
-    dtypes = tuple(dtypes)
     if dtypes not in instantiations(kernels[name]):
         raise TypeError(f"{name} is not built for data types {dtypes}")
     targs = ", ".join(ctype_name(d) for d in dtypes)
@@ -303,7 +313,8 @@ def get_kernel(
         _modules[key] = module
     with cupy().cuda.Device(device.index):
         function = module.get_function(_expression(name, targs))
-    return Kernel(name, kernels[name], dtypes, device, function)
+    kernel = _kernels[fast] = Kernel(name, kernels[name], dtypes, device, function)
+    return kernel
 
 
 def name_expressions(path: str | Path) -> list[str]:

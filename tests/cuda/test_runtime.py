@@ -192,7 +192,7 @@ def recorded(monkeypatch):
         monkeypatch.setattr(module, "cuda_device", lambda t: torch.device("cpu"))
         monkeypatch.setattr(module, "grid_for", lambda tiles, block, device: min(tiles, 1000))
         monkeypatch.setattr(module, "get_kernel", lambda *a: Recorder(launches, *a))
-    monkeypatch.setattr(_launch, "tables", _launch._Tables())
+    monkeypatch.setattr(_launch, "plans", _launch._Plans())
     return launches
 
 
@@ -388,6 +388,16 @@ def test_optimizer_launcher_checks_states(recorded, key, bad, error):
         )
 
 
+def test_to_cupy_passes_bfloat16_as_int16_views(monkeypatch):
+    seen = []
+    fake = types.SimpleNamespace(from_dlpack=lambda t: seen.append(t) or t)
+    monkeypatch.setattr(_runtime, "cupy", lambda: fake)
+    x = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+    out = _runtime.to_cupy(x)
+    assert out.dtype == torch.int16 and out.data_ptr() == x.data_ptr() and not out.requires_grad
+    assert _runtime.to_cupy(torch.ones(3)).dtype == torch.float32
+
+
 # ------------------------------------------------------------------------- compile caching
 
 
@@ -417,6 +427,7 @@ def test_modules_compile_once_per_source_dtypes_and_device(monkeypatch):
     fake = types.SimpleNamespace(RawModule=FakeModule, cuda=types.SimpleNamespace(Device=Device))
     monkeypatch.setattr(_runtime, "cupy", lambda: fake)
     monkeypatch.setattr(_runtime, "_modules", {})
+    monkeypatch.setattr(_runtime, "_kernels", {})
     monkeypatch.setattr(_runtime, "compilations", __import__("collections").Counter())
     source = quant_cuda.KERNEL_DIR / "blockwise.cu"
     d0, d1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -439,3 +450,33 @@ def test_modules_compile_once_per_source_dtypes_and_device(monkeypatch):
         _runtime.get_kernel(source, "quantize_blockwise_kernel", (torch.int32,), d0)
     with pytest.raises(KeyError, match="no kernel template"):
         _runtime.get_kernel(source, "nope", (torch.float32,), d0)
+
+
+def test_temporary_copies_are_written_back_and_never_cached(recorded):
+    base = torch.randn(300, 64)
+    param = base.t()  # non-contiguous: updated in a contiguous copy, then copied back
+    grads = [torch.randn(64, 300).half()]  # an fp16 gradient of an fp32 parameter: upcast
+    codes, absmax = _adam_state([param], 64)
+
+    def step():
+        optim_cuda.lion8bit(
+            [param],
+            grads,
+            codes,
+            absmax,
+            lr=1e-4,
+            beta1=0.9,
+            beta2=0.99,
+            weight_decay=0.0,
+            maximize=False,
+            block_size=64,
+        )
+
+    step()
+    step()
+    (k1, _, a1, _, _), (k2, _, a2, _, _) = recorded
+    assert k1.dtypes == (torch.float32, torch.float32)
+    assert a1[0] is not a2[0]  # rebuilt: the copies of the first call are gone
+    row = a1[0].tolist()
+    assert row[0] != param.data_ptr() and row[1] != grads[0].data_ptr()
+    assert not _launch.plans._lru  # nothing kept
