@@ -1,0 +1,224 @@
+"""Numba kernels of the fused CPU update rules: one pass per block, in parallel over blocks.
+
+For each block a kernel dequantizes the states, applies the rule in fp32 registers, writes the
+parameter, keeps the fresh states and their absmax in a block-sized scratch buffer, and then
+requantizes them. A parameter element is read and
+written once; codes are read and written once.
+
+The arithmetic is the torch path's (``functional/adam.py``, ``rmsprop.py``, ``lion.py``)
+operation for operation, including where torch's CPU kernels fuse a multiply-add (lerp,
+addcmul, ``add(..., alpha=)``), so parameters agree bit for bit but for rare last-ulp
+differences. Hyperparameters arrive as fp32 values computed by the caller exactly as torch
+casts Python scalars.
+
+Imported by :mod:`eightbit.functional._native` on the first CPU step, never at ``import``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange, uint32, uint64
+
+from ..quant._numba import (
+    BF16,
+    abs_bits,
+    block_range,
+    f32_bits,
+    fix_degenerate,
+    fma,
+    helper,
+    kernel,
+    load,
+    nearest_code,
+    set_scale,
+    store,
+)
+
+# Parallel tasks per call: each owns a contiguous run of blocks and one scratch buffer.
+MAX_TASKS = 64
+
+
+@helper
+def task_blocks(task, tasks, blocks):
+    """The blocks ``[first, last)`` of one parallel task."""
+    return task * blocks // tasks, (task + 1) * blocks // tasks
+
+
+@helper
+def store_param(p, i, value, fmt, seed):
+    """Write a parameter element; ``seed != 0`` rounds a bf16 parameter stochastically.
+
+    Stochastic rounding adds 16 random bits below bf16's last bit and truncates (as
+    ``functional._chunked.stochastic_round_to_bf16``). The bits come from a counter-based hash
+    of ``(seed, i)`` (SplitMix64's finalizer; Steele, Lea & Flood, OOPSLA 2014), so the result
+    does not depend on how blocks are spread over threads.
+    """
+    if seed != 0 and fmt == BF16:
+        z = uint64(seed) + uint64(i) * uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
+        noise = uint32((z ^ (z >> uint64(31))) & uint64(0xFFFF))
+        p[i] = np.uint16((f32_bits(value) + noise) >> uint32(16))
+    else:
+        store(p, i, value, fmt)
+
+
+@helper
+def lerp(start, end, weight):
+    """torch.lerp's CPU formula (exact at both ends; fused multiply-add)."""
+    if abs(weight) < np.float32(0.5):
+        return fma(weight, end - start, start)
+    return fma(weight - np.float32(1.0), end - start, end)
+
+
+@helper
+def maximum(a, b):
+    """torch.maximum: NaN if either is NaN."""
+    return a if (a > b or a != a) else b
+
+
+@helper
+def adam_element(p, g, m, v, decay, l2, beta1_weight, beta2, one_minus_beta2):
+    """Adam up to the denominator: the decayed parameter and the new m and v."""
+    p = p * decay
+    g = fma(l2, p, g) if l2 != 0 else g
+    m = lerp(m, g, beta1_weight)
+    v = fma(one_minus_beta2 * g, g, v * beta2)
+    return p, m, v
+
+
+@kernel
+def adam(
+    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_codebook, m_table, m_zero,
+    v_codes, v_absmax, v_codebook, v_table, v_zero, vmax_codes, vmax_absmax, amsgrad,
+    decay, l2, beta1_weight, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, g_sign,
+    seed, block_size,
+):  # fmt: skip
+    n = p.size
+    blocks = m_absmax.size
+    tasks = min(blocks, MAX_TASKS)
+    for task in prange(tasks):
+        m_new = np.empty(block_size, np.float32)
+        v_new = np.empty(block_size, np.float32)
+        vmax_new = np.empty(block_size, np.float32)
+        first, last = task_blocks(task, tasks, blocks)
+        for b in range(first, last):
+            start, end = block_range(b, block_size, n)
+            m_scale, v_scale, vmax_scale = m_absmax[b], v_absmax[b], vmax_absmax[b]
+            m_mag, v_mag, vmax_mag = uint32(0), uint32(0), uint32(0)
+            for i in range(start, end):
+                pi, mi, vi = adam_element(
+                    load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
+                    m_codebook[m_codes[i]] * m_scale, v_codebook[v_codes[i]] * v_scale,
+                    decay, l2, beta1_weight, beta2, one_minus_beta2,
+                )
+                # AMSGrad normalizes by the running max (vmax_* alias v_* when it is off)
+                v_hat = maximum(v_codebook[vmax_codes[i]] * vmax_scale, vi) if amsgrad else vi
+                denom = np.sqrt(v_hat) / bc2_sqrt + eps
+                store_param(p, i, pi + (neg_step_size * mi) / denom, p_fmt, seed)
+                m_new[i - start], v_new[i - start], vmax_new[i - start] = mi, vi, v_hat
+                m_mag = max(m_mag, abs_bits(mi))
+                v_mag = max(v_mag, abs_bits(vi))
+                vmax_mag = max(vmax_mag, abs_bits(v_hat))
+            if amsgrad:
+                scale = set_scale(vmax_absmax, b, vmax_mag)
+                for i in range(start, end):
+                    vmax_codes[i] = np.uint8(nearest_code(vmax_new[i - start] / scale, v_table))
+                fix_degenerate(vmax_codes, start, end, vmax_mag, v_zero)
+            scale = set_scale(m_absmax, b, m_mag)
+            for i in range(start, end):
+                m_codes[i] = np.uint8(nearest_code(m_new[i - start] / scale, m_table))
+            fix_degenerate(m_codes, start, end, m_mag, m_zero)
+            scale = set_scale(v_absmax, b, v_mag)
+            for i in range(start, end):
+                v_codes[i] = np.uint8(nearest_code(v_new[i - start] / scale, v_table))
+            fix_degenerate(v_codes, start, end, v_mag, v_zero)
+
+
+@kernel
+def rmsprop(
+    p, p_fmt, g, g_fmt, sq_codes, sq_absmax, sq_codebook, sq_table, sq_zero,
+    buf_codes, buf_absmax, ga_codes, ga_absmax, s_codebook, s_table, s_zero, use_momentum,
+    centered, l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, seed, block_size,
+):  # fmt: skip
+    # buf_* and ga_* are the momentum buffer and the centered gradient average (signed map);
+    # when a feature is off its arrays alias the other signed state or square_avg (never written).
+    n = p.size
+    blocks = sq_absmax.size
+    tasks = min(blocks, MAX_TASKS)
+    for task in prange(tasks):
+        sq_new = np.empty(block_size, np.float32)
+        buf_new = np.empty(block_size, np.float32)
+        ga_new = np.empty(block_size, np.float32)
+        first, last = task_blocks(task, tasks, blocks)
+        for b in range(first, last):
+            start, end = block_range(b, block_size, n)
+            sq_scale, buf_scale, ga_scale = sq_absmax[b], buf_absmax[b], ga_absmax[b]
+            sq_mag, buf_mag, ga_mag = uint32(0), uint32(0), uint32(0)
+            for i in range(start, end):
+                pi = load(p, i, p_fmt)
+                gi = load(g, i, g_fmt) * g_sign
+                gi = fma(l2, pi, gi) if l2 != 0 else gi
+                sq = fma(one_minus_alpha * gi, gi, sq_codebook[sq_codes[i]] * sq_scale * alpha)
+                sq_new[i - start] = sq
+                sq_mag = max(sq_mag, abs_bits(sq))
+                if centered:
+                    ga = lerp(s_codebook[ga_codes[i]] * ga_scale, gi, one_minus_alpha)
+                    ga_new[i - start] = ga
+                    ga_mag = max(ga_mag, abs_bits(ga))
+                    var = fma(-ga, ga, sq)
+                    avg = np.sqrt(np.float32(0.0) if var < 0 else var) + eps
+                else:
+                    avg = np.sqrt(sq) + eps
+                if use_momentum:
+                    buf = s_codebook[buf_codes[i]] * buf_scale * momentum + gi / avg
+                    buf_new[i - start] = buf
+                    buf_mag = max(buf_mag, abs_bits(buf))
+                    pi = fma(neg_lr, buf, pi)
+                else:
+                    pi = pi + (neg_lr * gi) / avg
+                store_param(p, i, pi, p_fmt, seed)
+            scale = set_scale(sq_absmax, b, sq_mag)
+            for i in range(start, end):
+                sq_codes[i] = np.uint8(nearest_code(sq_new[i - start] / scale, sq_table))
+            fix_degenerate(sq_codes, start, end, sq_mag, sq_zero)
+            if centered:
+                scale = set_scale(ga_absmax, b, ga_mag)
+                for i in range(start, end):
+                    ga_codes[i] = np.uint8(nearest_code(ga_new[i - start] / scale, s_table))
+                fix_degenerate(ga_codes, start, end, ga_mag, s_zero)
+            if use_momentum:
+                scale = set_scale(buf_absmax, b, buf_mag)
+                for i in range(start, end):
+                    buf_codes[i] = np.uint8(nearest_code(buf_new[i - start] / scale, s_table))
+                fix_degenerate(buf_codes, start, end, buf_mag, s_zero)
+
+
+@kernel
+def lion(
+    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_codebook, m_table, m_zero,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, seed, block_size,
+):  # fmt: skip
+    n = p.size
+    blocks = m_absmax.size
+    tasks = min(blocks, MAX_TASKS)
+    for task in prange(tasks):
+        m_new = np.empty(block_size, np.float32)
+        first, last = task_blocks(task, tasks, blocks)
+        for b in range(first, last):
+            start, end = block_range(b, block_size, n)
+            m_scale = m_absmax[b]
+            m_mag = uint32(0)
+            for i in range(start, end):
+                gi = load(g, i, g_fmt) * g_sign
+                mi = m_codebook[m_codes[i]] * m_scale
+                c = fma(one_minus_beta1, gi, mi * beta1)
+                sign = np.float32(np.float32(0.0) < c) - np.float32(c < np.float32(0.0))
+                store_param(p, i, fma(neg_lr, sign, load(p, i, p_fmt) * decay), p_fmt, seed)
+                mi = fma(one_minus_beta2, gi, mi * beta2)
+                m_new[i - start] = mi
+                m_mag = max(m_mag, abs_bits(mi))
+            scale = set_scale(m_absmax, b, m_mag)
+            for i in range(start, end):
+                m_codes[i] = np.uint8(nearest_code(m_new[i - start] / scale, m_table))
+            fix_degenerate(m_codes, start, end, m_mag, m_zero)

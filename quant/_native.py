@@ -1,0 +1,181 @@
+"""The fused native CPU path: which path serves CPU tensors, and its quantize and dequantize.
+
+CPU tensors are served by numba kernels (:mod:`eightbit.quant._numba`) when numba is installed,
+and by the torch path otherwise. Set ``EIGHTBIT_CPU_BACKEND=torch`` to force the torch path, or
+``=numba`` to make a missing numba an error. This module imports neither numba nor the kernels
+until the first CPU call, so ``import eightbit`` stays fast.
+
+Both paths compute the same function: identical codes and absmax (see
+:mod:`eightbit.quant.blockwise`). The kernels process a tensor in one pass per block, in parallel
+over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``).
+Compiled kernels are cached on disk (:func:`describe` says where); the first call of a kernel in
+a fresh cache compiles it, in about a second or two.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .codebook import midpoints
+
+ENV = "EIGHTBIT_CPU_BACKEND"
+_CHOICES = ("auto", "numba", "torch")
+
+
+def _choice() -> str:
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not one of {', '.join(_CHOICES)}")
+    return choice
+
+
+@functools.lru_cache(maxsize=1)
+def _import_kernels():
+    """``(module, None)`` when the numba kernels import, else ``(None, reason)``."""
+    try:
+        from . import _numba
+    except ImportError as error:  # numba missing, or installed against another numpy
+        return None, str(error)
+    return _numba, None
+
+
+def kernels():
+    """The kernel module when CPU tensors should use it, else ``None`` (the torch path)."""
+    choice = _choice()
+    if choice == "torch":
+        return None
+    module, reason = _import_kernels()
+    if module is None and choice == "numba":
+        raise ImportError(
+            f"{ENV}=numba but numba's kernels cannot be imported ({reason}); "
+            "install it with `pip install numba`, or unset the variable to use the torch path"
+        )
+    if module is not None:
+        import numba
+
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return module
+
+
+def describe() -> str:
+    """Which path serves CPU tensors, in words, e.g. for ``python -m eightbit``.
+
+    Example:
+        >>> describe()  # doctest: +SKIP
+        'numba 0.68.1 (fused, 2 threads, cache: /root/.cache/eightbit/numba/0.1.0-3f2a9c0d1e4b)'
+    """
+    if _choice() == "torch":
+        return f"torch path ({ENV}=torch)"
+    try:
+        module = kernels()
+    except ImportError as error:
+        return f"unavailable: {error}"
+    if module is None:
+        try:
+            importlib.metadata.version("numba")
+        except importlib.metadata.PackageNotFoundError:
+            return "torch path (numba not installed: `pip install numba` for the fused kernels)"
+        return f"torch path (numba does not import: {_import_kernels()[1]})"
+    import numba
+
+    return (
+        f"numba {numba.__version__} (fused, {numba.get_num_threads()} threads, "
+        f"threading layer {numba.config.THREADING_LAYER}, cache: {module.cache_dir()})"
+    )
+
+
+class CodeTable(NamedTuple):
+    """A codebook's nearest-code table for :func:`eightbit.quant._numba.nearest_code`.
+
+    ``table`` is ``None`` when some bin would hold two thresholds (never for the codebooks of
+    :func:`~eightbit.quant.create_codebook`); ``thresholds`` (ending with +inf) then serve a
+    linear search instead.
+    """
+
+    table: np.ndarray | None
+    zero_code: np.uint8
+    thresholds: np.ndarray
+
+
+_NO_TABLE = np.zeros(0, dtype=np.uint32)
+
+
+def code_table(codebook: torch.Tensor) -> CodeTable:
+    """The (cached) nearest-code table of a CPU float32 codebook."""
+    return _code_table(codebook.numpy().tobytes())
+
+
+@functools.lru_cache(maxsize=16)
+def _code_table(codebook_bytes: bytes) -> CodeTable:
+    codebook = torch.from_numpy(np.frombuffer(codebook_bytes, dtype=np.float32).copy())
+    mids = midpoints(codebook).numpy()
+    thresholds = np.append(mids, np.float32(np.inf)).astype(np.float32)
+    zero_code = np.uint8(np.searchsorted(mids, np.float32(0.0)))
+    # Bin k of each sign: the fp32 magnitudes whose bits >> 16 equal k, up to that of 1.0.
+    k = np.arange((0x3F800000 >> 16) + 1, dtype=np.uint32)
+    smallest = (k << np.uint32(16)).view(np.float32)
+    largest = ((k << np.uint32(16)) | np.uint32(0xFFFF)).view(np.float32)
+    # counts of thresholds below the bin's lowest and below its highest value, per sign
+    lo = np.concatenate([np.searchsorted(mids, smallest), np.searchsorted(mids, -largest)])
+    hi = np.concatenate([np.searchsorted(mids, largest), np.searchsorted(mids, -smallest)])
+    if (hi - lo).max() > 1:
+        return CodeTable(None, zero_code, thresholds)
+    inside = thresholds[np.minimum(lo, 255)].view(np.uint32) & np.uint32(0xFFFF)
+    inside[k.size :] ^= np.uint32(0xFFFF)  # negative bins compare flipped low bits
+    low = np.where(hi > lo, inside, np.uint32(0xFFFF)).astype(np.uint32)
+    entries = (lo.astype(np.uint32) << np.uint32(16)) | low
+    # indexed by the top 16 bits of y: positive bins at k, negative ones at 0x8000 + k; the
+    # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
+    table = np.zeros(1 << 16, dtype=np.uint32)
+    table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
+    return CodeTable(table, zero_code, thresholds)
+
+
+def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A flat numpy view of a contiguous CPU tensor and its format flag (no copy).
+
+    float32 stays float32; float16 and bfloat16 become their uint16 bit patterns.
+    """
+    from . import _numba
+
+    flat = t.detach().view(-1)
+    if t.dtype == torch.float32:
+        return flat.numpy(), _numba.F32
+    bits = flat.view(torch.int16).numpy().view(np.uint16)
+    return bits, _numba.BF16 if t.dtype == torch.bfloat16 else _numba.F16
+
+
+def quantize(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    codebook: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Quantize the flat view of ``x`` into ``codes`` and ``absmax`` (torch path's contract)."""
+    k = kernels()
+    values, fmt = as_array(x.contiguous())  # a non-contiguous x is copied, as the torch path does
+    flat_codes, flat_absmax = codes.view(-1).numpy(), absmax.numpy()
+    t = code_table(codebook)
+    table = _NO_TABLE if t.table is None else t.table
+    k.quantize(values, fmt, flat_codes, flat_absmax, table, t.thresholds, t.zero_code, block_size)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    codebook: torch.Tensor,
+    block_size: int,
+    out: torch.Tensor,
+) -> None:
+    """Dequantize ``codes`` into the contiguous ``out`` (any float dtype), as the torch path."""
+    values, fmt = as_array(out)
+    kernels().dequantize(
+        codes.reshape(-1).numpy(), absmax.numpy(), codebook.numpy(), values, fmt, block_size
+    )

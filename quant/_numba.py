@@ -1,0 +1,282 @@
+"""Numba kernels of the fused CPU path: blockwise quantize / dequantize, and the element helpers
+the fused optimizer kernels of ``eightbit.functional._numba`` share.
+
+Imported only by :mod:`eightbit.quant._native` (and the functional layer's kernels), on the first
+CPU call, never by ``import eightbit``. Every kernel is ``@njit(parallel=True, cache=True)``: one
+``prange`` iteration per block, compiled once per argument-type signature and cached on disk in
+:func:`cache_dir`. No fast-math anywhere: division, sqrt and rounding are IEEE fp32, as in the
+torch path, which is the oracle these kernels are tested against.
+
+Half-precision tensors arrive as ``uint16`` bit patterns (numpy has no bfloat16, and numba has no
+CPU float16), with a format flag: :data:`F16` or :data:`BF16`.
+
+The nearest-code search (:func:`nearest_code`) is exact without a binary search: a table built by
+``_native.code_table`` maps the top 16 bits of ``y`` to the count of thresholds below that bin,
+and one integer comparison against the one threshold inside the bin settles the code.
+(bitsandbytes' CPU quantizer uses a 65,536-bin table without that last comparison, which makes
+small values unreachable and turns exact zeros into non-zeros.)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from llvmlite import ir
+from numba import config, int32, njit, prange, types, uint32, uint64
+from numba.core import caching
+from numba.extending import intrinsic, overload
+
+F32, F16, BF16 = 0, 1, 2
+
+def cache_dir() -> str:
+    """Where the compiled kernels are cached (``NUMBA_CACHE_DIR`` when the user sets it).
+
+    Default: ``$EIGHTBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/eightbit`` (``~/.cache/eightbit``),
+    plus ``numba/<version>-<hash of the kernel sources>``: numba's cache is keyed by the file of
+    each kernel only, so helpers inlined from the other kernel file must change the directory.
+    """
+    if config.CACHE_DIR:
+        return config.CACHE_DIR
+    return _default_cache_dir()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_cache_dir() -> str:
+    from eightbit import __version__
+
+    root = os.environ.get("EIGHTBIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "eightbit"
+    )
+    here = Path(__file__).resolve()
+    digest = hashlib.sha1()
+    for source in (here, here.parent.parent / "functional" / "_numba.py"):
+        if source.exists():
+            digest.update(source.read_bytes())
+    return os.path.join(root, "numba", f"{__version__}-{digest.hexdigest()[:12]}")
+
+
+class _EightbitCacheLocator(caching.UserWideCacheLocator):
+    """A numba cache locator that claims eightbit's kernels only and uses :func:`cache_dir`."""
+
+    def __init__(self, py_func, py_file):
+        super().__init__(py_func, py_file)
+        self._cache_path = os.path.join(cache_dir(), self.get_suitable_cache_subpath(py_file))
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if config.CACHE_DIR or not py_func.__module__.startswith("eightbit."):
+            return None  # the user's NUMBA_CACHE_DIR wins; other projects' functions are not ours
+        return super().from_function(py_func, py_file)
+
+
+if _EightbitCacheLocator not in caching.CacheImpl._locator_classes:
+    caching.CacheImpl._locator_classes.insert(0, _EightbitCacheLocator)
+
+kernel = njit(parallel=True, cache=True)
+helper = njit(cache=True)
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of an fp32 value as uint32 (a bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, u):
+    """The fp32 value of the low 32 bits of an integer (a bitcast)."""
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if u.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif u.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(u), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` with one rounding (fp32), as torch's CPU kernels compute lerp, addcmul and
+    ``add(..., alpha=)``."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@helper
+def half_to_f32(h, fmt):
+    """fp16 (``fmt == F16``) or bf16 bits to fp32, exactly (subnormals, inf and NaN included)."""
+    h = uint32(h) & uint32(0xFFFF)
+    sign = (h & uint32(0x8000)) << uint32(16)
+    em = h & uint32(0x7FFF)
+    # fp16: shifting exponent and mantissa into fp32 position and scaling by 2^112 rebiases the
+    # exponent exactly, subnormals included; inf/NaN keep an all-ones exponent.
+    scaled = f32_bits(bits_f32(em << uint32(13)) * np.float32(5.192296858534828e33))
+    f16 = sign | (uint32(0x7F800000) | (em << uint32(13)) if em >= uint32(0x7C00) else scaled)
+    return bits_f32(h << uint32(16) if fmt == BF16 else f16)
+
+
+@helper
+def f32_to_half(f, fmt):
+    """fp32 to fp16 or bf16 bits, round to nearest even (torch's conversion; NaN stays NaN)."""
+    u = f32_bits(f)
+    # bf16: the top half of the fp32 bits, rounded to nearest even.
+    bf16 = uint32(0x7FC0) if (u & uint32(0x7FFFFFFF)) > uint32(0x7F800000) else (
+        (u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))) >> uint32(16)
+    )
+    sign = (u >> uint32(16)) & uint32(0x8000)
+    a = u & uint32(0x7FFFFFFF)
+    # fp16 normal range: rebias the exponent (127 - 15 = 112) and round 13 mantissa bits away.
+    r = a - uint32(0x38000000)
+    normal = (r + uint32(0xFFF) + ((r >> uint32(13)) & uint32(1))) >> uint32(13)
+    # fp16 subnormals: adding 0.5 puts |f| on the fp32 grid of step 2^-24 (fp16's subnormal
+    # step), so the FPU's round-to-nearest-even does the rounding.
+    sub = f32_bits(bits_f32(a) + np.float32(0.5)) - uint32(0x3F000000)
+    f16 = sub if a < uint32(0x38800000) else normal
+    f16 = uint32(0x7C00) if a >= uint32(0x477FF000) else f16
+    f16 = sign | (uint32(0x7E00) if a > uint32(0x7F800000) else f16)
+    return uint32(bf16 if fmt == BF16 else f16)
+
+
+def load(x, i, fmt):
+    """``x[i]`` as fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
+
+
+@overload(load)
+def _load(x, i, fmt):
+    if x.dtype == types.float32:
+        return lambda x, i, fmt: x[i]
+    return lambda x, i, fmt: half_to_f32(x[i], fmt)
+
+
+def store(x, i, value, fmt):
+    """``x[i] = value`` from fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
+
+
+@overload(store)
+def _store(x, i, value, fmt):
+    if x.dtype == types.float32:
+
+        def impl(x, i, value, fmt):
+            x[i] = value
+
+        return impl
+
+    def impl(x, i, value, fmt):
+        x[i] = np.uint16(f32_to_half(value, fmt))
+
+    return impl
+
+
+@helper
+def abs_bits(f):
+    """``|f|`` as uint32 bits: integer order equals float order, and NaN is above inf."""
+    return f32_bits(f) & uint32(0x7FFFFFFF)
+
+
+@helper
+def block_scale(mag_bits):
+    """absmax of a block from the max of its ``abs_bits``: 0 for zeros, NaN when non-finite."""
+    return bits_f32(uint32(0x7FC00000) if mag_bits >= uint32(0x7F800000) else mag_bits)
+
+
+@helper
+def nearest_code(y, table):
+    """Number of thresholds strictly below fp32 ``y`` (``|y| <= 1``), by one table lookup.
+
+    The bits of ``y`` above bit 16 (sign, exponent, 7 mantissa bits) pick a bin holding at most
+    one threshold; the entry is (thresholds below the bin) << 16 | (low 16 bits of the one
+    inside it, flipped for negative bins, all ones when there is none). Inside a bin the order of
+    fp32 values is the order of their low 16 bits (reversed for negative values), so one integer
+    comparison finishes the count exactly. The constant shift lets the gather use 32-bit indices.
+    """
+    u = f32_bits(y)
+    t = table[u >> uint32(16)]
+    low = (u ^ uint32(int32(u) >> int32(31))) & uint32(0xFFFF)
+    return (t >> uint32(16)) + uint32((t & uint32(0xFFFF)) < low)
+
+
+@helper
+def block_range(b, block_size, n):
+    """Element range of block ``b`` as unsigned indices (no negative-index wraparound checks)."""
+    start = uint64(b) * uint64(block_size)
+    return start, min(start + uint64(block_size), uint64(n))
+
+
+@helper
+def set_scale(absmax, b, mag):
+    """Store and return block ``b``'s absmax, given the max of its values' ``abs_bits``."""
+    scale = block_scale(mag)
+    absmax[b] = scale
+    return scale
+
+
+@helper
+def fix_degenerate(codes, start, end, mag, zero_code):
+    """Give a block of zeros, or one holding inf/NaN, the code of zero (the torch path's rule).
+
+    The kernels first encode every block as if it were regular (the loop stays branch-free and
+    vectorizable; the table has an entry for every 16-bit prefix, so NaN and inf are safe) and
+    call this after. Loops in helpers are not vectorized, so the regular loop is in each kernel.
+    """
+    if mag == 0 or mag >= uint32(0x7F800000):
+        for i in range(start, end):
+            codes[i] = zero_code
+
+
+@helper
+def scan_code(y, thresholds):
+    """Number of thresholds below ``y`` by linear search (``thresholds`` ends with +inf): for
+    codebooks whose thresholds are too close together for the table of :func:`nearest_code`."""
+    code = 0
+    while thresholds[code] < y:
+        code += 1
+    return code
+
+
+@kernel
+def quantize(x, fmt, codes, absmax, table, thresholds, zero_code, block_size):
+    # ``table`` is empty when the codebook needs the linear search.
+    n = x.size
+    for b in prange(absmax.size):
+        start, end = block_range(b, block_size, n)
+        mag = uint32(0)
+        for i in range(start, end):
+            mag = max(mag, abs_bits(load(x, i, fmt)))
+        scale = set_scale(absmax, b, mag)
+        if table.size:
+            for i in range(start, end):
+                codes[i] = np.uint8(nearest_code(load(x, i, fmt) / scale, table))
+        else:
+            for i in range(start, end):
+                codes[i] = np.uint8(scan_code(load(x, i, fmt) / scale, thresholds))
+        fix_degenerate(codes, start, end, mag, zero_code)
+
+
+@kernel
+def dequantize(codes, absmax, codebook, out, fmt, block_size):
+    n = codes.size
+    for b in prange(absmax.size):
+        start, end = block_range(b, block_size, n)
+        scale = absmax[b]
+        for i in range(start, end):
+            store(out, i, codebook[codes[i]] * scale, fmt)

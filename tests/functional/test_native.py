@@ -1,0 +1,272 @@
+"""The fused CPU update kernels (numba) against the torch path, the oracle, one row per variant.
+
+What must agree, and why not always bit for bit: both paths compute the same fp32 expressions in
+the same order (with the same fused multiply-adds as torch's CPU kernels), except the square
+root. torch's CPU ``sqrt`` is vectorized through MKL's VML and is not always correctly rounded
+(about 15% of fp32 results are one ulp off); the kernels use IEEE sqrt. So
+
+* states that do not depend on a square root (Adam's m and v, RMSprop's square and gradient
+  averages, Lion's m) have identical codes and absmax after a step;
+* a parameter differs by at most ``SQRT_ULPS`` relative ulps of its step plus one rounding of the
+  parameter itself (fp32, or one ulp of fp16/bf16 when the rounding falls the other way);
+* states that do depend on it (RMSprop's momentum buffer), and all states after several steps
+  (L2 decay feeds the parameter back into the gradient), differ only at code boundaries: in
+  fewer than ``BOUNDARY_FRACTION`` of the codes, by one code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from eightbit.functional import _native, adam8bit_update, lion8bit_update, rmsprop8bit_update
+from eightbit.quant import _native as quant_native
+from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwise
+
+pytest.importorskip("numba")
+
+BLOCK = 256
+# A one-ulp difference in the square root moves the denominator by at most 2 ulps (eps and the
+# bias correction add one rounding each), so the step by at most 4 relative ulps.
+SQRT_ULPS = 4
+BOUNDARY_FRACTION = 1e-3
+MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+@dataclasses.dataclass
+class Row:
+    id: str
+    update: callable
+    slots: list[tuple[str, bool, bool]]  # (state, signed, used) in positional order
+    kwargs: dict
+    uses_steps: bool = False
+    sqrt_free: tuple[str, ...] = ()  # states computed before any square root
+
+
+def adam(id, amsgrad=False, **kw):
+    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, amsgrad=amsgrad, maximize=False) | kw
+    slots = [("exp_avg", True, True), ("exp_avg_sq", False, True),
+             ("max_exp_avg_sq", False, amsgrad)]
+    return Row(id, adam8bit_update, slots, kwargs, True,
+               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+
+
+def rmsprop(id, momentum=0.0, centered=False, **kw):
+    kwargs = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=momentum,
+                  centered=centered, maximize=False) | kw
+    slots = [("square_avg", False, True), ("momentum_buffer", True, momentum > 0),
+             ("grad_avg", True, centered)]
+    return Row(id, rmsprop8bit_update, slots, kwargs, False, ("square_avg", "grad_avg"))
+
+
+def lion(id, **kw):
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False) | kw
+    return Row(id, lion8bit_update, [("exp_avg", True, True)], kwargs, False, ("exp_avg",))
+
+
+ROWS = [
+    adam("adam"),
+    adam("adam-l2-amsgrad", amsgrad=True, weight_decay=0.1),
+    adam("adamw-maximize", weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    rmsprop("rmsprop"),
+    rmsprop("rmsprop-momentum-l2", momentum=0.9, weight_decay=0.01),
+    rmsprop("rmsprop-centered", centered=True),
+    rmsprop("rmsprop-centered-momentum-maximize", momentum=0.5, centered=True, maximize=True),
+    lion("lion"),
+    lion("lion-decay-maximize", weight_decay=0.5, maximize=True),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_problem(row, shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=gen).to(dtype)
+    states = {}
+    for name, signed, used in row.slots:
+        if used:
+            values = torch.randn(shape, generator=gen) * 0.01 if signed else (
+                torch.rand(shape, generator=gen) * 1e-4)
+            q = quantize_blockwise(values, codebook=get_codebook(signed=signed), block_size=BLOCK)
+            states[name] = (q.codes, q.absmax)
+    return p, states, gen
+
+
+def run(row, p, states, g, monkeypatch, backend, step=1):
+    """One step (number ``step``) of ``backend`` on copies; returns the parameter and states."""
+    if backend == "torch":
+        monkeypatch.setenv(quant_native.ENV, "torch")
+    else:
+        monkeypatch.delenv(quant_native.ENV, raising=False)
+    p = p.clone()
+    states = {k: (c.clone(), a.clone()) for k, (c, a) in states.items()}
+    args = []
+    for name, _, used in row.slots:
+        args += [[states[name][0]], [states[name][1]]] if used else [None, None]
+    if row.uses_steps:
+        args.append([torch.tensor(float(step))])
+    row.update([p], [g], *args, block_size=BLOCK, **row.kwargs)
+    return p, states
+
+
+def check_step(row, p, states, g, monkeypatch, step=1):
+    """One step of both paths from the same state; returns the torch path's result."""
+    ours = run(row, p, states, g, monkeypatch, "native", step)
+    theirs = run(row, p, states, g, monkeypatch, "torch", step)
+    check_param(ours[0], theirs[0], p, p.dtype, momentum_term(row, g, theirs[1]))
+    for name, (codes, absmax) in theirs[1].items():
+        if name in row.sqrt_free:
+            assert torch.equal(ours[1][name][0], codes), name
+            assert torch.equal(ours[1][name][1].nan_to_num(), absmax.nan_to_num()), name
+        else:
+            assert_codes_near(ours[1][name], (codes, absmax))
+    return theirs
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` values at ``x`` (fp32 tensor), subnormals included."""
+    _, exponent = torch.frexp(x)
+    smallest = {torch.float32: -149, torch.float16: -24, torch.bfloat16: -133}[dtype]
+    return torch.ldexp(torch.ones_like(x), (exponent - 1 - MANTISSA_BITS[dtype]).clamp(smallest))
+
+
+def momentum_term(row, g, states):
+    """RMSprop with momentum moves p by lr * (momentum * buf + g / avg), which may cancel: the
+    square root's ulps are those of lr * |g| / avg, bounded with avg >= sqrt(var) + eps."""
+    if "momentum_buffer" not in states:
+        return 0.0
+    dequantize = functools.partial(dequantize_blockwise, block_size=BLOCK)
+    var = dequantize(*states["square_avg"], codebook=get_codebook(signed=False))
+    if "grad_avg" in states:
+        var = var - dequantize(*states["grad_avg"], codebook=get_codebook(signed=True)) ** 2
+    avg = var.clamp_min(0).sqrt() + row.kwargs["eps"]
+    return 2 * row.kwargs["lr"] * g.float().abs() / avg
+
+
+def check_param(ours, theirs, before, dtype, term=0.0):
+    """|ours - theirs| <= one rounding of the parameter + SQRT_ULPS ulps of its move (or of the
+    square-root-dependent ``term`` of the move, when that is larger)."""
+    ours, theirs, before = ours.float(), theirs.float(), before.float()
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    differ = (ours != theirs) & ~theirs.isnan()  # inf equals inf; inf and finite must not meet
+    move = torch.maximum((theirs - before).abs(), torch.as_tensor(term))[differ]
+    ours, theirs = ours[differ], theirs[differ]
+    bound = ulp(theirs, dtype) + SQRT_ULPS * 2.0**-23 * move
+    excess = (ours - theirs).abs() - bound
+    assert bool((excess <= 0).all()), f"{(excess > 0).sum().item()} elements, max {excess.max()}"
+
+
+def assert_codes_near(ours, theirs):
+    (c1, a1), (c2, a2) = ours, theirs
+    different = c1 != c2
+    assert different.float().mean().item() <= BOUNDARY_FRACTION
+    assert bool(((c1.int() - c2.int()).abs() <= 1).all())
+    torch.testing.assert_close(a1, a2, rtol=2.0**-18, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_one_step_matches_the_torch_path(row, dtype, monkeypatch):
+    p, states, gen = make_problem(row, (4097,), dtype)
+    check_step(row, p, states, (torch.randn(4097, generator=gen) * 0.1).to(dtype), monkeypatch)
+
+
+@pytest.mark.parametrize("row", ROWS[::2], ids=lambda r: r.id)
+def test_steps_along_a_trajectory_on_a_large_ragged_parameter(row, monkeypatch):
+    # Each step starts both paths from the torch path's state, so the bounds stay those of one
+    # step (a code that differs at a boundary would otherwise change the following steps).
+    p, states, gen = make_problem(row, (278011,), torch.float32, seed=1)
+    for step in range(1, 5):
+        g = torch.randn(278011, generator=gen) * 0.1
+        p, states = check_step(row, p, states, g, monkeypatch, step)
+
+
+@pytest.mark.parametrize("row", [ROWS[1], ROWS[6], ROWS[8]], ids=lambda r: r.id)
+def test_non_contiguous_empty_and_mixed_dtype_parameters(row, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(70, 90, generator=gen).t(), torch.zeros(0),
+              torch.randn(300, generator=gen).bfloat16()]
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1 for p in params]
+    # fp32 gradients for the bf16 parameter too: the kernels read either
+    grads[2] = torch.randn(300, generator=gen) * 0.1
+    results = {}
+    for backend in ("native", "torch"):
+        ps = [p.clone() for p in params]
+        states = {}
+        for name, signed, used in row.slots:
+            if used:
+                qs = [quantize_blockwise(torch.randn(p.shape, generator=torch.Generator()
+                                                     .manual_seed(6)).abs() * 0.01,
+                                         codebook=get_codebook(signed=signed), block_size=BLOCK)
+                      for p in params]
+                states[name] = ([q.codes for q in qs], [q.absmax for q in qs])
+        monkeypatch.setenv(quant_native.ENV, "torch" if backend == "torch" else "auto")
+        args = []
+        for name, _, used in row.slots:
+            args += list(states[name]) if used else [None, None]
+        if row.uses_steps:
+            args.append([torch.tensor(1.0) for _ in params])
+        row.update(ps, grads, *args, block_size=BLOCK, **row.kwargs)
+        results[backend] = ps, states
+    (ours, our_states), (theirs, their_states) = results["native"], results["torch"]
+    assert ours[0].stride() == params[0].stride()  # updated in place, layout kept
+    for o, t, p in zip(ours, theirs, params, strict=True):
+        check_param(o, t, p, p.dtype)
+    for name in their_states:
+        for state in zip(*our_states[name], *their_states[name], strict=True):
+            if state[0].numel():
+                assert_codes_near(state[:2], state[2:])
+
+
+def test_zero_and_nonfinite_gradients_follow_the_torch_path(monkeypatch):
+    row = ROWS[0]
+    p, states, _ = make_problem(row, (1024,), torch.float32)
+    g = torch.zeros(1024)
+    g[300] = float("nan")  # block 1 of the states becomes NaN: absmax NaN, code of zero
+    g[600] = float("inf")
+    ours = run(row, p, states, g, monkeypatch, "native")
+    theirs = run(row, p, states, g, monkeypatch, "torch")
+    assert torch.equal(ours[0].isnan(), theirs[0].isnan())
+    for name, (codes, absmax) in theirs[1].items():
+        assert torch.equal(ours[1][name][0], codes), name
+        assert torch.equal(ours[1][name][1].isnan(), absmax.isnan()), name
+        assert torch.equal(ours[1][name][1].nan_to_num(), absmax.nan_to_num()), name
+
+
+def test_bf16_stochastic_rounding_is_unbiased_seeded_and_thread_independent(monkeypatch):
+    monkeypatch.delenv(quant_native.ENV, raising=False)
+    n = 200_000
+    # one Lion step moves every 1.0 by lr = a quarter of bf16's ulp at 1 (2^-8 below 1.0)
+    lr = 2.0**-8 / 4
+
+    def step(seed, threads):
+        p = torch.ones(n, dtype=torch.bfloat16)
+        codes, absmax = torch.full((n,), 127, dtype=torch.uint8), torch.zeros(-(-n // BLOCK))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(seed)
+            lion8bit_update([p], [torch.ones(n, dtype=torch.bfloat16)], [codes], [absmax],
+                            lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
+                            block_size=BLOCK, bf16_stochastic_rounding=True)
+        finally:
+            torch.set_num_threads(before)
+        return p
+
+    p = step(0, 2)
+    assert set(p.unique().tolist()) == {1.0, 1.0 - 2.0**-8}  # the two neighbours only
+    down = (p < 1).float().mean().item()
+    assert abs(down - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5  # E[p] = 1 - lr
+    assert torch.equal(step(0, 1), p)  # same seed, one thread: same result
+    assert not torch.equal(step(1, 2), p)
+
+
+def test_dispatch_uses_the_kernels_for_cpu_tensors_unless_switched_off(monkeypatch):
+    monkeypatch.delenv(quant_native.ENV, raising=False)
+    assert _native.serves([torch.zeros(3)])
+    assert not _native.serves([])
+    assert not _native.serves([torch.zeros(3, device="meta")])
+    monkeypatch.setenv(quant_native.ENV, "torch")
+    assert not _native.serves([torch.zeros(3)])

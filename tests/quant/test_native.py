@@ -1,0 +1,257 @@
+"""The fused CPU kernels (numba) against the torch path, the oracle, and against brute force.
+
+quantize must give identical codes and absmax for every input, so the inputs are the adversarial
+ones: every threshold and its fp32 neighbours, both edges of every bin of the nearest-code table,
+a sweep over all fp32 bit patterns in [-1, 1], subnormals, signed zeros, 1e-30..1e30 magnitudes,
+and blocks of zeros, inf and NaN.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from eightbit.quant import (
+    _native,
+    _torch,
+    blockwise,
+    create_codebook,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
+from eightbit.quant.codebook import midpoints
+
+pytest.importorskip("numba")
+
+CODEBOOKS = [(name, signed) for name in ("dynamic", "linear", "normal") for signed in (True, False)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _numba_path(monkeypatch):
+    monkeypatch.delenv(_native.ENV, raising=False)
+
+
+def both(x: torch.Tensor, codebook: torch.Tensor, block_size: int = 256):
+    """``(native, torch path)`` results as (codes, absmax) pairs."""
+    n_blocks = blockwise.num_blocks(x.numel(), block_size)
+    out = []
+    for backend in (_native, _torch):
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        absmax = torch.empty(n_blocks)
+        backend.quantize(x, codes, absmax, codebook, block_size)
+        out.append((codes, absmax))
+    return out
+
+
+def assert_identical(x, codebook, block_size=256):
+    (c1, a1), (c2, a2) = both(x, codebook, block_size)
+    assert torch.equal(c1, c2), f"{(c1 != c2).sum().item()} codes differ"
+    assert torch.equal(a1.isnan(), a2.isnan())
+    assert torch.equal(a1.nan_to_num(), a2.nan_to_num())
+
+
+def with_unit_absmax(values: torch.Tensor, block_size: int = 256) -> torch.Tensor:
+    """Blocks whose first element is 1.0 and the rest ``values``: y = x / 1 = x exactly."""
+    rows = values.reshape(-1)
+    per = block_size - 1
+    pad = (-rows.numel()) % per
+    rows = torch.cat([rows, torch.zeros(pad)]).view(-1, per)
+    return torch.cat([torch.ones(rows.shape[0], 1), rows], dim=1).reshape(-1)
+
+
+def adversarial(codebook: torch.Tensor) -> torch.Tensor:
+    """Each threshold, its neighbours two ulps either way, their negatives, and both edges of
+    every 16-bit-prefix bin of the table (fp32 values in [-1, 1])."""
+    t = midpoints(codebook)
+    near = [t]
+    for direction in (1.0, -1.0):
+        step = t
+        for _ in range(2):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            near.append(step)
+    k = torch.arange((0x3F800000 >> 16) + 1, dtype=torch.int32)
+    edges = [(k << 16).view(torch.float32), ((k << 16) | 0xFFFF).view(torch.float32)]
+    values = torch.cat([*near, *edges, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45])])
+    values = torch.cat([values, -values]).clamp(-1, 1)
+    return values
+
+
+def brute_force_codes(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook value in exact (fp64) arithmetic; a tie takes the lower."""
+    distance = (y.double()[:, None] - codebook.double()[None, :]).abs()
+    return distance.argmin(dim=1).to(torch.uint8)  # argmin returns the first of equal minima
+
+
+@pytest.mark.parametrize("name,signed", CODEBOOKS)
+def test_thresholds_neighbours_and_bin_edges(name, signed):
+    codebook = create_codebook(name, signed=signed)
+    assert _native.code_table(codebook).table is not None
+    values = adversarial(codebook)
+    x = with_unit_absmax(values)
+    assert_identical(x, codebook)
+    (codes, _), _ = both(x, codebook)
+    inner = codes.view(-1, 256)[:, 1:].reshape(-1)[: values.numel()]
+    assert torch.equal(inner, brute_force_codes(values, codebook))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_sweep_of_all_fp32_bit_patterns_in_unit_interval(signed):
+    codebook = create_codebook("dynamic", signed=signed)
+    # every 997th bit pattern of [0, 1] and its negative: about 2.1 million values
+    bits = torch.arange(0, 0x3F800001, 997, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    assert_identical(with_unit_absmax(torch.cat([values, -values])), codebook)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,signed", CODEBOOKS)
+def test_wide_magnitudes_special_values_and_blocks(dtype, name, signed):
+    gen = torch.Generator().manual_seed(3)
+    n = 64 * 257 + 13
+    magnitudes = torch.logspace(-30, 30, n, dtype=torch.float64).float()
+    x = (torch.randn(n, generator=gen) * magnitudes)[torch.randperm(n, generator=gen)]
+    x[100:400] = 0.0  # a whole block of zeros (and parts of others)
+    x[1000:1010] = -0.0
+    x[2000] = float("nan")
+    x[3000] = float("inf")
+    x[4000] = -float("inf")
+    x[5000:5100] = torch.tensor(1e-40).repeat(100) * torch.arange(100)  # subnormals
+    x = x.to(dtype)
+    for block_size in (64, 256, 4096):
+        assert_identical(x, create_codebook(name, signed=signed), block_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shapes_sizes_and_non_contiguous_input(dtype):
+    codebook = create_codebook("dynamic", signed=True)
+    gen = torch.Generator().manual_seed(4)
+    for shape in [(1,), (4097,), (278011,), (3, 5, 7)]:
+        assert_identical(torch.randn(shape, generator=gen).to(dtype), codebook)
+    x = torch.randn(300, 200, generator=gen).to(dtype)
+    assert_identical(x.t(), codebook)
+    assert_identical(x[:, ::3], codebook, 64)
+
+
+def test_a_codebook_with_two_thresholds_in_one_bin_uses_the_linear_search():
+    values = torch.linspace(-1, 1, 256)
+    values[100:110] = 0.5 + torch.arange(10) * 2.0**-20  # thresholds closer than one bin
+    codebook = values.sort().values
+    assert _native.code_table(codebook).table is None
+    x = torch.cat([adversarial(codebook), torch.randn(5000)])
+    assert_identical(x, codebook)
+    assert_identical(with_unit_absmax(adversarial(codebook)), codebook)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_matches_the_torch_path(dtype):
+    codebook = create_codebook("dynamic", signed=True)
+    x = torch.randn(5000) * 1e3
+    x[7] = float("nan")  # block 0 dequantizes to NaN
+    codes, absmax = torch.empty(5000, dtype=torch.uint8), torch.empty(20)
+    _torch.quantize(x, codes, absmax, codebook, 256)
+    ours, theirs = torch.empty(5000, dtype=dtype), torch.empty(5000, dtype=dtype)
+    _native.dequantize(codes, absmax, codebook, 256, ours)
+    _torch.dequantize(codes, absmax, codebook, 256, theirs)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    finite = ~theirs.isnan()
+    assert torch.equal(ours[finite], theirs[finite])  # NaN payloads may differ
+
+
+def test_public_functions_use_the_native_path_and_can_be_switched_off(monkeypatch):
+    assert blockwise._backend(torch.device("cpu")) is _native
+    monkeypatch.setenv(_native.ENV, "torch")
+    assert blockwise._backend(torch.device("cpu")) is _torch
+    assert "EIGHTBIT_CPU_BACKEND=torch" in _native.describe()
+    monkeypatch.setenv(_native.ENV, "fast")
+    with pytest.raises(ValueError, match="EIGHTBIT_CPU_BACKEND"):
+        quantize_blockwise(torch.randn(10))
+
+
+def test_without_numba_the_torch_path_serves_and_says_so(monkeypatch):
+    monkeypatch.setattr(_native, "_import_kernels", lambda: (None, "No module named 'numba'"))
+    assert blockwise._backend(torch.device("cpu")) is _torch
+    q = quantize_blockwise(torch.randn(1000))
+    assert dequantize_blockwise(q).shape == (1000,)
+    assert _native.describe().startswith("torch path")
+    monkeypatch.setenv(_native.ENV, "numba")
+    with pytest.raises(ImportError, match="pip install numba"):
+        quantize_blockwise(torch.randn(10))
+
+
+def test_describe_names_numba_threads_and_cache():
+    text = _native.describe()
+    assert text.startswith("numba ") and "threads" in text and "cache: " in text
+
+
+def test_threads_follow_torch(monkeypatch):
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        quantize_blockwise(torch.randn(4096))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    quantize_blockwise(torch.randn(4096))
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+def _run(code: str, env: dict) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_import_eightbit_does_not_import_numba():
+    out = _run(
+        """
+        import sys
+        import eightbit, eightbit.quant, eightbit.functional, eightbit.optim
+        print("numba" in sys.modules)
+        """,
+        {},
+    )
+    assert out.strip() == "False"
+
+
+@pytest.mark.slow
+def test_kernels_are_cached_on_disk_across_processes(tmp_path):
+    code = """
+        import torch
+        from eightbit.quant import _numba, quantize_blockwise
+        quantize_blockwise(torch.randn(1000))
+        print(_numba.cache_dir(), _numba.quantize.stats.cache_hits)
+        """
+    env = {"EIGHTBIT_CACHE_DIR": str(tmp_path), "NUMBA_CACHE_DIR": ""}
+    first_dir, first_hits = _run(code, env).split()
+    assert first_dir.startswith(str(tmp_path)) and first_hits.startswith("Counter()")
+    assert list(tmp_path.rglob("*quantize*.nbi")), "no index file in the cache directory"
+    second_dir, second_hits = _run(code, env).split(maxsplit=1)
+    assert second_dir == first_dir and second_hits.strip() != "Counter()"
+
+
+def test_table_is_exact_for_every_bin_of_the_dynamic_map():
+    # Independent of the kernels: the table entry of each bin, applied to the bin's edges,
+    # gives searchsorted's count.
+    codebook = create_codebook("dynamic", signed=True)
+    table = _native.code_table(codebook).table
+    mids = midpoints(codebook).numpy()
+    k = np.arange((0x3F800000 >> 16) + 1, dtype=np.uint32)
+    for sign in (0, 1):
+        for low in (0, 0xFFFF):
+            bits = (np.uint32(sign << 31) | (k << np.uint32(16)) | np.uint32(low)).astype(np.uint32)
+            y = bits.view(np.float32)
+            entry = table[bits >> 16]
+            y_low = (bits ^ np.where(sign, 0xFFFF, 0)) & 0xFFFF
+            code = (entry >> 16) + ((entry & 0xFFFF) < y_low)
+            assert np.array_equal(code, np.searchsorted(mids, y))
