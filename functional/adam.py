@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _chunked
+from . import _chunked, _native
 from ._docs import fill
 
 __all__ = ["adam8bit_update", "adam32bit_update"]
@@ -121,7 +121,9 @@ def adam8bit_update(
             bf16_stochastic_rounding=bf16_stochastic_rounding,
         )
         return
-    _adam_torch(
+    # CPU tensors: the fused numba kernels when numba is installed, else the torch path.
+    update = _native.adam if _native.serves(params) else _adam_torch
+    update(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, block_size=block_size,

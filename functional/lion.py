@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _chunked
+from . import _chunked, _native
 from ._docs import fill
 
 __all__ = ["lion8bit_update", "lion32bit_update"]
@@ -86,7 +86,9 @@ def lion8bit_update(
             bf16_stochastic_rounding=bf16_stochastic_rounding,
         )
         return
-    _lion_torch(
+    # CPU tensors: the fused numba kernels when numba is installed, else the torch path.
+    update = _native.lion if _native.serves(params) else _lion_torch
+    update(
         params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         maximize=maximize, block_size=block_size,
         bf16_stochastic_rounding=bf16_stochastic_rounding,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _chunked
+from . import _chunked, _native
 from ._docs import fill
 
 __all__ = ["rmsprop8bit_update", "rmsprop32bit_update"]
@@ -112,7 +112,9 @@ def rmsprop8bit_update(
             block_size=block_size, bf16_stochastic_rounding=bf16_stochastic_rounding,
         )
         return
-    _rmsprop_torch(
+    # CPU tensors: the fused numba kernels when numba is installed, else the torch path.
+    update = _native.rmsprop if _native.serves(params) else _rmsprop_torch
+    update(
         params, grads, square_avgs, momentum_buffers, grad_avgs, lr=lr, alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, maximize=maximize, block_size=block_size,
         bf16_stochastic_rounding=bf16_stochastic_rounding,

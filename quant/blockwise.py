@@ -92,6 +92,11 @@ def _backend(device: torch.device):
         from . import cuda
 
         return cuda
+    if device.type == "cpu":
+        from . import _native  # the fused numba kernels when numba is installed
+
+        if _native.kernels() is not None:
+            return _native
     return _torch
 
 

@@ -87,6 +87,13 @@ RULES = [
 SHAPES = [(1,), (4095,), (4097,), (64, 300), (0,), (3, 0)]
 
 
+@pytest.fixture(autouse=True)
+def _torch_path(monkeypatch):
+    # These are properties of the torch path, the oracle; the fused CPU kernels (numba) are
+    # checked against it in test_native.py (they use IEEE sqrt where torch's CPU sqrt is not).
+    monkeypatch.setenv("EIGHTBIT_CPU_BACKEND", "torch")
+
+
 def is_on(rule, name):
     return rule.on.get(name, True)
 
