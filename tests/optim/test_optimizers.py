@@ -292,3 +292,36 @@ def test_a_real_dtensor_parameter_in_a_one_rank_process_group():
         assert torch.equal(state["exp_avg_codes"], theirs.state[ref]["exp_avg_codes"])
     finally:
         dist.destroy_process_group()
+
+
+# Adam, AdamW and Lion move every weight by about lr per step (RMSprop's first steps are larger).
+SMALL_STEP_ROWS = [r for r in CLASS_ROWS if r.cls is not RMSprop8bit]
+
+
+@pytest.mark.parametrize("row", SMALL_STEP_ROWS, ids=ids(SMALL_STEP_ROWS))
+def test_bf16_stochastic_rounding_option(row):
+    """Deterministic under a seed, unbiased: the mean bf16 weight follows the fp32 run."""
+
+    def run_bf16(sr, seed=0):
+        torch.manual_seed(seed)
+        p = torch.ones(8192, dtype=torch.bfloat16)
+        opt = row.ours([p], lr=1e-3, bf16_stochastic_rounding=sr)
+        for t in range(10):
+            p.grad = torch.full_like(p, 1.0) + 0.1 * torch.randn(8192, generator=torch.Generator()
+                                                                 .manual_seed(t)).bfloat16()
+            opt.step()
+        return p.double()
+
+    a, b = run_bf16(True), run_bf16(True)
+    assert torch.equal(a, b) and not torch.equal(a, run_bf16(True, seed=1))
+    fp32 = torch.ones(8192)
+    opt = row.ours([fp32], lr=1e-3)
+    for t in range(10):
+        fp32.grad = torch.full_like(fp32, 1.0) + 0.1 * torch.randn(
+            8192, generator=torch.Generator().manual_seed(t)).bfloat16().float()
+        opt.step()
+    # Each stochastic rounding adds at most ulp/2 = 2^-8 of zero-mean noise per weight and step;
+    # rounding to nearest would lose every update (~1e-3 per step, below half an ulp at 1.0).
+    assert torch.equal(run_bf16(False), torch.ones(8192, dtype=torch.float64))
+    sigma = (10 * (2**-8) ** 2 / 8192) ** 0.5
+    assert abs(a.mean().item() - fp32.double().mean().item()) < 6 * sigma + 1e-4
