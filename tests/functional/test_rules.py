@@ -1,5 +1,8 @@
 """The functional rules against two oracles, one table row per rule and variant.
 
+Both are about the torch path, the oracle of the native and CUDA backends (tested against it in
+their own files), so the fixture below forces it.
+
 1. The fp32-state twins against torch.optim's single-tensor code (bit for bit) and, for Lion,
    against the paper's algorithm written in tests/optim/lion_reference.py.
 2. Each 8-bit rule against "dequantize the state, take the fp32 twin's step, quantize the state"
@@ -27,7 +30,19 @@ from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwis
 
 from tests.optim.lion_reference import LionReference
 
+try:
+    from eightbit.functional import _native
+except ImportError:  # no native CPU path in this tree
+    _native = None
+
 BLOCK = 256
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """These tests are about the torch path, the oracle of the other backends: force it on CPU."""
+    if _native is not None:
+        monkeypatch.setattr(_native, "serves", lambda params: False)
 
 
 @dataclasses.dataclass
