@@ -133,6 +133,7 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
   load_codebook(books[1], unsigned_codebook);
   __syncthreads();
   const int group = block_size / kItems;
+  const int block_shift = __ffs(block_size) - 1;  // block_size is a power of two
   const long long tile_items = static_cast<long long>(blockDim.x) * kItems;
   const unsigned long long random_key =
       seed != nullptr ? static_cast<unsigned long long>(*seed) : 0ull;
@@ -164,7 +165,7 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
       if (codes != nullptr) {
         unsigned c[kItems];
         load_codes(codes, i, n, vec, c);
-        decode_items(c, live ? absmax[i / block_size] : 0.0f,
+        decode_items(c, live ? absmax[i >> block_shift] : 0.0f,
                      books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].values, s[j]);
       } else {
 #pragma unroll
@@ -194,7 +195,7 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
         const Scale scale = quantize_items(
             s[j], group, books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].thresholds, scratch, c);
         store_codes(codes, i, n, vec, c);
-        if (threadIdx.x % group == 0 && live) absmax[i / block_size] = scale.stored;
+        if ((threadIdx.x & (group - 1)) == 0 && live) absmax[i >> block_shift] = scale.stored;
       }
     }
   }

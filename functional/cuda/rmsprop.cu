@@ -2,7 +2,8 @@
 // torch.optim.RMSprop and of eightbit.functional.rmsprop._rmsprop_chunk:
 //   g <- -g if maximize;  g <- g + wd p
 //   s <- s alpha + (1 - alpha) g^2
-//   centered: a <- lerp(a, g, 1 - alpha); d <- sqrt(max(s - a^2, 0)) + eps   else d <- sqrt(s) + eps
+//   centered: a <- lerp(a, g, 1 - alpha); d <- sqrt(max(s - a^2, 0)) + eps
+//   otherwise d <- sqrt(s) + eps
 //   momentum: b <- b momentum + g / d; p <- p - lr b          else p <- p - lr g / d
 // The centered variance is clamped at 0 because quantization can make it slightly negative.
 // States: 0 = square_avg (unsigned map), 1 = momentum_buffer, 2 = grad_avg (signed map); the
@@ -52,12 +53,13 @@ struct RMSpropRule {
 };
 
 template <typename T, typename G>
-__global__ void __launch_bounds__(512) rmsprop8bit_kernel(const long long* __restrict__ table, int num_tensors,
-                                   long long num_tiles, const float* __restrict__ signed_codebook,
-                                   const float* __restrict__ unsigned_codebook, int block_size,
-                                   const float* __restrict__ lr_ptr, double lr, double alpha,
-                                   double eps, double weight_decay, double momentum, int centered,
-                                   int maximize, const long long* __restrict__ seed) {
+__global__ void __launch_bounds__(512)
+    rmsprop8bit_kernel(const long long* __restrict__ table, int num_tensors, long long num_tiles,
+                       const float* __restrict__ signed_codebook,
+                       const float* __restrict__ unsigned_codebook, int block_size,
+                       const float* __restrict__ lr_ptr, double lr, double alpha, double eps,
+                       double weight_decay, double momentum, int centered, int maximize,
+                       const long long* __restrict__ seed) {
   RMSpropRule rule{lr_ptr, lr, alpha, eps, weight_decay, momentum,
                    momentum != 0.0, centered != 0, maximize != 0};
   multi_tensor_step<T, G>(rule, table, num_tensors, num_tiles, signed_codebook, unsigned_codebook,

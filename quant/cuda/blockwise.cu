@@ -9,15 +9,16 @@ namespace eightbit {
 // codes[i] = code of x[i] / absmax[i / block_size]; absmax[b] = max |x| over block b.
 // aligned != 0: x is 16-byte and codes 8-byte aligned (vector loads/stores).
 template <typename T>
-__global__ void __launch_bounds__(512) quantize_blockwise_kernel(const T* __restrict__ x, unsigned char* __restrict__ codes,
-                                          float* __restrict__ absmax,
-                                          const float* __restrict__ codebook, long long n,
-                                          int block_size, int aligned) {
+__global__ void __launch_bounds__(512)
+    quantize_blockwise_kernel(const T* __restrict__ x, unsigned char* __restrict__ codes,
+                              float* __restrict__ absmax, const float* __restrict__ codebook,
+                              long long n, int block_size, int aligned) {
   __shared__ Codebook cb;
   __shared__ unsigned scratch[kMaxWarps];
   load_codebook(cb, codebook);
   __syncthreads();
   const int group = block_size / kItems;
+  const int block_shift = __ffs(block_size) - 1;  // block_size is a power of two
   const long long tile = static_cast<long long>(blockDim.x) * kItems;
   const long long stride = static_cast<long long>(gridDim.x) * tile;
   // The loop bound depends on the CTA only, so every thread reaches group_max's barriers.
@@ -28,28 +29,29 @@ __global__ void __launch_bounds__(512) quantize_blockwise_kernel(const T* __rest
     unsigned c[kItems];
     const Scale s = quantize_items(v, group, cb.thresholds, scratch, c);
     store_codes(codes, i, n, aligned != 0, c);
-    if (threadIdx.x % group == 0 && i < n) absmax[i / block_size] = s.stored;
+    if ((threadIdx.x & (group - 1)) == 0 && i < n) absmax[i >> block_shift] = s.stored;
   }
 }
 
 // out[i] = codebook[codes[i]] * absmax[i / block_size], rounded to T.
 // aligned != 0: codes is 8-byte and out 16-byte aligned.
 template <typename T>
-__global__ void __launch_bounds__(512) dequantize_blockwise_kernel(const unsigned char* __restrict__ codes,
-                                            const float* __restrict__ absmax,
-                                            const float* __restrict__ codebook,
-                                            T* __restrict__ out, long long n, int block_size,
-                                            int aligned) {
+__global__ void __launch_bounds__(512)
+    dequantize_blockwise_kernel(const unsigned char* __restrict__ codes,
+                                const float* __restrict__ absmax,
+                                const float* __restrict__ codebook, T* __restrict__ out,
+                                long long n, int block_size, int aligned) {
   __shared__ float values[kCodes];
   for (int j = threadIdx.x; j < kCodes; j += blockDim.x) values[j] = codebook[j];
   __syncthreads();
+  const int block_shift = __ffs(block_size) - 1;  // block_size is a power of two
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x * kItems;
   for (long long i = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) * kItems;
        i < n; i += stride) {
     unsigned c[kItems];
     load_codes(codes, i, n, aligned != 0, c);
     float v[kItems];
-    decode_items(c, absmax[i / block_size], values, v);
+    decode_items(c, absmax[i >> block_shift], values, v);
     store_items(out, i, n, aligned != 0, v);
   }
 }
