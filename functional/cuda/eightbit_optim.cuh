@@ -193,7 +193,7 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
       if (codes != nullptr) {
         unsigned c[kItems];
         const Scale scale = quantize_items(
-            s[j], group, books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].thresholds, scratch, c);
+            s[j], group, books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].tree, scratch, c);
         store_codes(codes, i, n, vec, c);
         if ((threadIdx.x & (group - 1)) == 0 && live) absmax[i >> block_shift] = scale.stored;
       }

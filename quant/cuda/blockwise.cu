@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(512)
     float v[kItems];
     load_items(x, i, n, aligned != 0, v);
     unsigned c[kItems];
-    const Scale s = quantize_items(v, group, cb.thresholds, scratch, c);
+    const Scale s = quantize_items(v, group, cb.tree, scratch, c);
     store_codes(codes, i, n, aligned != 0, c);
     if ((threadIdx.x & (group - 1)) == 0 && i < n) absmax[i >> block_shift] = s.stored;
   }

@@ -161,10 +161,21 @@ __device__ __forceinline__ void store_codes(unsigned char* __restrict__ p, long 
 
 // ---------------------------------------------------------------- codebook in shared memory
 
+// The 255 thresholds are kept in breadth-first (Eytzinger) order: tree[1] is the median t_127,
+// tree[2k] and tree[2k + 1] the children of tree[k]. A search reads one node per level and the
+// nodes of a level are contiguous, so the lanes of a warp hit distinct banks (at most 2- and
+// 4-way conflicts on the two widest levels). The in-order layout would put every node of a level
+// in the same bank (up to 8-way conflicts on five of the eight levels).
 struct Codebook {
-  float values[kCodes];      // c_0 .. c_255
-  float thresholds[kCodes];  // t_0 .. t_254 (t_255 unused)
+  float values[kCodes];  // c_0 .. c_255
+  float tree[kCodes];    // tree[1 .. 255]: the thresholds in breadth-first order (tree[0] unused)
 };
+
+// The in-order index j of breadth-first node k (1 .. 255) of the perfect tree of depth 8.
+__device__ __forceinline__ int inorder_index(int k) {
+  const int depth = 31 - __clz(k);
+  return ((k - (1 << depth)) << (8 - depth)) + (1 << (7 - depth)) - 1;
+}
 
 // The exact midpoint rounded down to fp32: the fp64 sum of two floats is exact for every
 // codebook eightbit builds (neighbours within 2^29 of each other, or one of them 0), the halving
@@ -178,21 +189,22 @@ __device__ __forceinline__ float threshold(float lo, float hi) {
 // Fill `cb` from 256 fp32 values in global memory. All threads of the CTA call it; the caller
 // synchronises (__syncthreads) before the first use.
 __device__ __forceinline__ void load_codebook(Codebook& cb, const float* __restrict__ values) {
-  for (int j = threadIdx.x; j < kCodes; j += blockDim.x) {
-    const float lo = values[j];
-    cb.values[j] = lo;
-    cb.thresholds[j] = j + 1 < kCodes ? threshold(lo, values[j + 1]) : 0.0f;
+  for (int k = threadIdx.x; k < kCodes; k += blockDim.x) {
+    cb.values[k] = values[k];
+    if (k > 0) {
+      const int j = inorder_index(k);
+      cb.tree[k] = threshold(values[j], values[j + 1]);
+    }
   }
 }
 
-// The number of thresholds strictly below y: binary lifting over the 255 sorted thresholds
-// (steps 128 + 64 + ... + 1 = 255, so the index never leaves the table). NaN gives 0.
-__device__ __forceinline__ unsigned encode(float y, const float* __restrict__ thresholds) {
-  unsigned c = 0;
+// The number of thresholds strictly below y: descend the breadth-first tree, right when the
+// node is below y; after the 8 levels the leaf index k is 256 + that number. NaN gives 0.
+__device__ __forceinline__ unsigned encode(float y, const float* __restrict__ tree) {
+  unsigned k = 1;
 #pragma unroll
-  for (unsigned step = 128; step > 0; step >>= 1)
-    if (less_than(thresholds[c + step - 1], y)) c += step;
-  return c;
+  for (int level = 0; level < 8; ++level) k = 2 * k + (less_than(tree[k], y) ? 1u : 0u);
+  return k - kCodes;
 }
 
 // ---------------------------------------------------------------- block absmax
@@ -241,17 +253,17 @@ __device__ __forceinline__ Scale block_scale(unsigned max_bits) {
 
 // Codes of one thread's values in a block of the given scale.
 __device__ __forceinline__ void encode_items(const float (&v)[kItems], Scale s,
-                                             const float* __restrict__ thresholds,
+                                             const float* __restrict__ tree,
                                              unsigned (&c)[kItems]) {
 #pragma unroll
   for (int k = 0; k < kItems; ++k)
-    c[k] = encode(s.divide ? div_rn(v[k], s.stored) : 0.0f, thresholds);
+    c[k] = encode(s.divide ? div_rn(v[k], s.stored) : 0.0f, tree);
 }
 
 // Quantize one thread's values: reduce the absmax over the thread's group, compute the codes,
 // and return the block scale (the group's first thread stores scale.stored).
 __device__ __forceinline__ Scale quantize_items(const float (&v)[kItems], int group,
-                                                const float* __restrict__ thresholds,
+                                                const float* __restrict__ tree,
                                                 unsigned* scratch, unsigned (&c)[kItems]) {
   unsigned m = 0u;
 #pragma unroll
@@ -260,7 +272,7 @@ __device__ __forceinline__ Scale quantize_items(const float (&v)[kItems], int gr
     m = a > m ? a : m;
   }
   const Scale s = block_scale(group_max(m, group, scratch));
-  encode_items(v, s, thresholds, c);
+  encode_items(v, s, tree, c);
   return s;
 }
 
