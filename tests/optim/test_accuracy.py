@@ -68,14 +68,15 @@ def test_step_error_is_bounded_by_the_quantization_error(row, shape):
 
 def gradient(p, target, t, gen):
     """A closed-loop gradient: pull towards ``target`` plus fixed noise for step ``t``."""
-    return (p.float() - target) * 0.5 + torch.randn(p.shape, generator=gen)
+    return (p.float() - target) * 0.5 + torch.randn(p.shape, generator=gen).to(p.device)
 
 
 SIZES = [(1,), (4095,), (4097,), (40, 120), (0,)]
 STEPS = 15
 
 
-def run_trajectory(row, shapes, steps, *, dtype=torch.float32, oracle=False, **extra):
+def run_trajectory(row, shapes, steps, *, dtype=torch.float32, oracle=False, device="cpu",
+                   **extra):
     """``steps`` steps of ``row``'s optimizer (or its fp32 oracle) on parameters of ``shapes``.
 
     The oracle always computes in fp32; for a low-precision ``dtype`` it rounds its parameters to
@@ -83,22 +84,22 @@ def run_trajectory(row, shapes, steps, *, dtype=torch.float32, oracle=False, **e
     ``dtype``), so the comparison isolates the 8-bit state.
     """
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    targets = [torch.randn(s, generator=gen) for s in shapes]
-    start = [p.float().clone() for p in params]
+    params = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    targets = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    start = [p.float().cpu().clone() for p in params]
     if oracle:
         params = [p.float() for p in params]
     opt = row.oracle(params, **extra) if oracle else row.ours(params, **extra)
     for t in range(steps):
         noise = torch.Generator().manual_seed(t)
         for p, target in zip(params, targets, strict=True):
-            p.grad = gradient(p, target, t, noise).to(p.dtype)
+            p.grad = gradient(p, target, t, noise).to(p)
         opt.step()
         if oracle and dtype != torch.float32:
             with torch.no_grad():
                 for p in params:
                     p.copy_(p.to(dtype))
-    return [p.float() for p in params], start, opt
+    return [p.float().cpu() for p in params], start, opt
 
 
 def relative_deviation(ours, exact, start):
@@ -114,6 +115,20 @@ def test_trajectory_stays_close_to_fp32(row):
     assert relative_deviation(ours, exact, start) < TRAJECTORY_RTOL
     for p in opt.param_groups[0]["params"]:
         assert opt.state[p][f"{row.states[0][0]}_codes"].dtype == torch.uint8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row", ROWS, ids=ids(ROWS))
+def test_cuda_trajectory_stays_close_to_fp32(row, dtype):
+    """On CUDA (fused kernels), against the fp32 oracle on the CPU."""
+    shapes = [*SIZES, (278011,)]
+    lr = {"lr": 10 * row.kwargs["lr"]} if dtype != torch.float32 else {}
+    ours, start, opt = run_trajectory(row, shapes, STEPS, dtype=dtype, device="cuda", **lr)
+    exact, _, _ = run_trajectory(row, shapes, STEPS, dtype=dtype, oracle=True, **lr)
+    assert relative_deviation(ours, exact, start) < TRAJECTORY_RTOL
+    state = opt.state[opt.param_groups[0]["params"][-1]]
+    assert state["step"].is_cuda and state[f"{row.states[0][0]}_codes"].is_cuda
 
 
 @pytest.mark.slow
