@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import io
 import logging
+import os
 import warnings
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import torch
 
 BASELINE = "torch Adam fused"
 EIGHTBIT_OPTIMIZERS = ("Adam8bit", "AdamW8bit", "RMSprop8bit", "Lion8bit")
+TORCH_PATH = (("EIGHTBIT_CPU_BACKEND", "torch"),)  # eightbit's switch to its eager torch path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,8 @@ class Contender:
 
     ``make(params)`` returns the optimizer; ``step(optimizer)`` runs one ``optimizer.step()``
     (inside ``torch.compiler.set_stance("force_eager")`` for ``eager_stance`` contenders, which
-    turns a peer's internal ``torch.compile`` into plain eager execution).
+    turns a peer's internal ``torch.compile`` into plain eager execution, and with the
+    environment variables of ``env`` set for its duration).
     """
 
     name: str
@@ -36,13 +39,29 @@ class Contender:
     missing: str | None = None
     eager_stance: bool = False
     compiles: bool = False
+    env: tuple[tuple[str, str], ...] = ()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.eager_stance:
-            with torch.compiler.set_stance("force_eager"):
-                optimizer.step()
-        else:
+        with contextlib.ExitStack() as stack:
+            if self.eager_stance:
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            if self.env:
+                stack.enter_context(_environ(dict(self.env)))
             optimizer.step()
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quiet_import(module: str):
@@ -87,6 +106,10 @@ def _eightbit_contenders() -> list[Contender]:
         cls = getattr(optim, name, None) if optim is not None else None
         missing = why if optim is None else None if cls is not None else "not in eightbit.optim yet"
         rows.append(Contender(f"eightbit {name}", "eightbit", cls, missing))
+    # The same Adam8bit on its eager torch path (the fallback without numba), to show what the
+    # fused CPU kernels gain.
+    adam = rows[0]
+    rows.append(dataclasses.replace(adam, name=f"{adam.name} (torch path)", env=TORCH_PATH))
     return rows
 
 

@@ -94,40 +94,61 @@ def step_table(results: list[StepResult], *, min_steps: int) -> list[list[str]]:
     return [header] + rows
 
 
+def first_step_table(results: list[StepResult]) -> list[list[str]]:
+    """The untimed first step of each contender and cell: state creation, plus compilation for
+    compiled contenders (the compile time is about first step - median step)."""
+    cells = _cells(results)
+    by = {(r.name, r.numel, r.n_tensors): r for r in results}
+    rows = [["first step"] + [cell_label(*c) for c in cells]]
+    for name in dict.fromkeys(r.name for r in results):
+        row = [name]
+        for c in cells:
+            r = by.get((name, *c))
+            row.append(f"{r.first_step_s:.2f} s" if r and r.first_step_s is not None else "-")
+        if any(e != "-" for e in row[1:]):
+            rows.append(row)
+    return rows
+
+
 def _mib(b: int | None) -> str:
     return f"{b / 2**20:,.0f} MiB" if b is not None else "-"
 
 
-def _state(name: str, results: list[StepResult], numel: int) -> str:
-    """State bytes per parameter at ``numel`` in one tensor, else at the largest size measured."""
+def _state_result(name: str, results: list[StepResult], numel: int) -> StepResult | None:
+    """``name``'s one-tensor result at ``numel`` if its state was measured there, else the
+    largest size where it was, else None."""
     measured = sorted((r for r in results if r.name == name and r.n_tensors == 1
                        and r.state_bytes is not None), key=lambda r: (r.numel == numel, r.numel))
-    if not measured:
+    return measured[-1] if measured else None
+
+
+def _state(name: str, results: list[StepResult], numel: int) -> str:
+    """State bytes per parameter, as text (with the size when it is not ``numel``)."""
+    r = _state_result(name, results, numel)
+    if r is None:
         here = [r.note for r in results if r.name == name and r.numel == numel]
         return (here or ["-"])[0] or "-"
-    r = measured[-1]
     return f"{r.state_bytes / r.numel:.2f}" + ("" if r.numel == numel else
                                                  f" (at {size_label(r.numel)})")
 
 
 def memory_table(results: list[StepResult], peaks: list[PeakMemory], numel: int) -> list[list[str]]:
-    """State bytes per parameter (from optimizer.state), first step, and peak process memory."""
+    """State bytes per parameter (from optimizer.state) and peak process memory."""
     peak_by = {p.name: p for p in peaks}
-    header = ["optimizer", "state B/param", "first step", "peak RSS", "peak added B/param"]
+    header = ["optimizer", "state B/param", "peak RSS", "peak added B/param"]
     rows = [header]
     for r in results:
         if r.numel != numel or r.n_tensors != 1:
             continue
         p = peak_by.get(r.name)
         state = _state(r.name, results, numel)
-        first = f"{r.first_step_s:.2f} s" if r.first_step_s is not None else "-"
         if p is None:
             peak, extra = "not measured", "-"
         elif p.peak is None:
             peak, extra = p.note, "-"
         else:
             peak, extra = _mib(p.peak), f"{p.extra_per_param:.2f}"
-        rows.append([r.name, state, first, peak, extra])
+        rows.append([r.name, state, peak, extra])
     return rows
 
 
@@ -179,6 +200,28 @@ def replace_section(
     path.write_text(text)
 
 
+def _state_per_param(name: str, results: list[StepResult], numel: int) -> float | None:
+    r = _state_result(name, results, numel)
+    return r.state_bytes / r.numel if r else None
+
+
+# One colour family per library, so the chart reads by library first.
+_PALETTES = {
+    "torch": "Greys", "eightbit": "Greens", "bitsandbytes": "Purples", "torchao": "Oranges",
+}
+
+
+def _colors(names: list[str]) -> dict[str, tuple]:
+    import matplotlib
+
+    out = {}
+    for family, cmap in _PALETTES.items():
+        members = [n for n in names if n.split()[0] == family]
+        for k, n in enumerate(members):
+            out[n] = matplotlib.colormaps[cmap](0.45 + 0.5 * (k + 1) / (len(members) + 1))
+    return out
+
+
 def chart(results: list[StepResult], peaks: list[PeakMemory], numel: int, path: Path) -> None:
     """Left: step time relative to torch's fused Adam per cell (log scale). Right: optimizer
     state bytes per parameter and peak bytes added per parameter at ``numel`` parameters."""
@@ -188,40 +231,41 @@ def chart(results: list[StepResult], peaks: list[PeakMemory], numel: int, path: 
     import matplotlib.pyplot as plt
 
     cells, base = _cells(results), _baseline(results)
-    names = [n for n in dict.fromkeys(r.name for r in results)
-             if any(r.name == n and r.median_s for r in results)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), width_ratios=[2.2, 1])
-    width = 0.8 / max(len(names), 1)
-    colors = plt.get_cmap("tab20").colors
+    every = list(dict.fromkeys(r.name for r in results))
+    colors = _colors(every)
+    timed = [n for n in every if any(r.name == n and r.median_s for r in results)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 7), width_ratios=[2.3, 1])
+    width = 0.8 / max(len(timed), 1)
     by = {(r.name, r.numel, r.n_tensors): r for r in results}
-    for k, name in enumerate(names):
+    for k, name in enumerate(timed):
         xs, ys = [], []
         for i, c in enumerate(cells):
             r = by.get((name, *c))
             x = ratio(r, base) if r else None
             if x is not None:
-                xs.append(i + (k - (len(names) - 1) / 2) * width)
+                xs.append(i + (k - (len(timed) - 1) / 2) * width)
                 ys.append(x)
-        left.bar(xs, ys, width, label=name, color=colors[k % len(colors)])
+        left.bar(xs, ys, width, label=name, color=colors.get(name), edgecolor="black", lw=0.3)
     left.set_yscale("log")
     left.axhline(1.0, color="black", lw=0.8)
     left.set_xticks(range(len(cells)), [cell_label(*c) for c in cells])
-    left.set_xlabel("parameters x tensors")
+    left.set_xlabel("parameters x tensors (a missing bar: not run there, see RESULTS.md)")
     left.set_ylabel(f"step time / {BASELINE} (lower is faster)")
-    left.set_title("optimizer.step() on CPU, same run")
-    left.legend(fontsize=8, ncols=2)
-    mem = [r for r in results
-           if r.numel == numel and r.n_tensors == 1 and r.state_bytes is not None]
+    left.set_title("optimizer.step() on the CPU, all in the same run")
+    left.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     peak_by = {p.name: p.extra_per_param for p in peaks}
+    mem = [(n, _state_per_param(n, results, numel), peak_by.get(n)) for n in every]
+    mem = [m for m in mem if m[1] is not None or m[2] is not None]
     ys = range(len(mem))
-    right.barh([y + 0.2 for y in ys], [r.state_bytes / r.numel for r in mem], 0.4, label="state")
-    right.barh([y - 0.2 for y in ys], [peak_by.get(r.name) or 0 for r in mem], 0.4,
-               label="peak added (RSS)")
-    right.set_yticks(list(ys), [r.name for r in mem], fontsize=8)
+    right.barh([y - 0.2 for y in ys], [m[1] or 0 for m in mem], 0.4, label="optimizer.state",
+               color="tab:blue")
+    right.barh([y + 0.2 for y in ys], [m[2] or 0 for m in mem], 0.4,
+               label="peak RSS added by the optimizer", color="tab:red")
+    right.set_yticks(list(ys), [m[0] for m in mem], fontsize=8)
     right.invert_yaxis()
     right.set_xlabel("bytes per parameter")
-    right.set_title(f"memory, {size_label(numel)} parameters")
-    right.legend(fontsize=8)
+    right.set_title(f"memory, {size_label(numel)} fp32 parameters")
+    right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

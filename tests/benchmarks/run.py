@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_numel = None
     _log(f"\nquantize / dequantize, {args.throughput_size:,} fp32 values, block 256")
     through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=args.min_reps,
-                                 budget_s=args.budget / 2, log=_log)
+                                 budget_s=args.budget / 2, log=_log,
+                                 families={c.family for c in contenders})
     peaks: list[memory.PeakMemory] = []
     if not args.no_memory and memory_numel:
         _log(f"\npeak process memory, {memory_numel:,} parameters, one subprocess per optimizer")
@@ -143,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     tables = {
         "step": report.step_table(results, min_steps=MIN_STEPS),
+        "first": report.first_step_table(results),
         "memory": report.memory_table(results, peaks, memory_numel) if memory_numel else None,
         "throughput": report.throughput_table(through),
     }
     _log(f"\n{report.console(tables['step'])}\n")
+    _log(f"{report.console(tables['first'])}\n")
     if tables["memory"]:
         _log(f"{report.console(tables['memory'])}\n")
     _log(f"{report.console(tables['throughput'])}\n")

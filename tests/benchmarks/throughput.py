@@ -107,9 +107,10 @@ def _timed(fn: Callable[[], object]) -> Callable[[], float]:
 
 
 def measure(
-    numel: int, *, reps: int, min_reps: int, budget_s: float, log=print
+    numel: int, *, reps: int, min_reps: int, budget_s: float, families=None, log=print
 ) -> list[Throughput]:
-    """Throughput of the copy and of every available quantizer on ``numel`` fp32 values.
+    """Throughput of the copy and of every available quantizer on ``numel`` fp32 values
+    (of the libraries in ``families`` only, when given).
 
     Each operation runs ``clamp(budget_s / its warm-up time, min_reps, reps)`` times.
     """
@@ -123,6 +124,8 @@ def measure(
         ("bitsandbytes", "bitsandbytes", lambda m: _bitsandbytes_ops(m, x, numel, qbytes)),
         ("torchao", "torchao.optim.quant_utils", lambda m: _torchao_ops(m, x, numel, qbytes)),
     ):
+        if families is not None and label not in families:
+            continue
         mod, why = quiet_import(module)
         try:
             ops += build(mod) if mod is not None else []

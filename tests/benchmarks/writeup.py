@@ -18,8 +18,8 @@ How it was measured (tests/benchmarks/, `make bench`):
   is the "first step" column). An optimizer gets `clamp({budget:g} s / its second step's time,
   {min_reps}, {reps})` timed steps: the fast ones at least {min_steps}; cells marked `[n steps]`
   had fewer because each step takes a second or more. An optimizer whose step would take more
-  than {max_step_s:g} s at a size (predicted from the next smaller size) is skipped there, which
-  keeps the run under 10 minutes on 2 cores.
+  than {max_step_s:g} s at a size (predicted from the next smaller size; or its second step took
+  twice that) is skipped there, which keeps the run under 10 minutes on 2 cores.
 - **Ratios** are to `{baseline}` in the same run and the same cell (lower is faster).
 - **State B/param**: bytes of all tensors in `optimizer.state` (each storage once; tensor
   subclasses such as torchao's are opened to their inner tensors) divided by the parameter count.
@@ -88,6 +88,9 @@ def results_section(tables: dict, info: dict) -> str:
         "### optimizer.step() time: median, and ratio to torch Adam fused in the same cell",
         "Columns: parameters x number of equal tensors.",
         markdown(tables["step"]),
+        "### First step: creates the state; for compiled optimizers, includes compiling",
+        "The compile time is about the first step minus the median step above.",
+        markdown(tables["first"]),
     ]
     if tables["memory"]:
         parts += [f"### Memory at {info['memory_numel']:,} parameters (one tensor)",
