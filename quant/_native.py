@@ -84,9 +84,13 @@ def describe() -> str:
         return f"torch path (numba does not import: {_import_kernels()[1]})"
     import numba
 
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # known once a kernel has run
+        layer = numba.config.THREADING_LAYER
     return (
         f"numba {numba.__version__} (fused, {numba.get_num_threads()} threads, "
-        f"threading layer {numba.config.THREADING_LAYER}, cache: {module.cache_dir()})"
+        f"threading layer {layer}, cache: {module.cache_dir()})"
     )
 
 

@@ -68,7 +68,7 @@ class _EightbitCacheLocator(caching.UserWideCacheLocator):
 
     @classmethod
     def from_function(cls, py_func, py_file):
-        if config.CACHE_DIR or not py_func.__module__.startswith("eightbit."):
+        if config.CACHE_DIR or not (py_func.__module__ or "").startswith("eightbit."):
             return None  # the user's NUMBA_CACHE_DIR wins; other projects' functions are not ours
         return super().from_function(py_func, py_file)
 

@@ -240,6 +240,25 @@ def test_kernels_are_cached_on_disk_across_processes(tmp_path):
     assert second_dir == first_dir and second_hits.strip() != "Counter()"
 
 
+def test_other_projects_numba_functions_keep_numba_s_own_cache(tmp_path):
+    (tmp_path / "theirs.py").write_text(
+        "import numba\n\n@numba.njit(cache=True)\ndef twice(x):\n    return 2 * x\n"
+    )
+    code = """
+        import types, numba, torch
+        from eightbit.quant import quantize_blockwise
+        quantize_blockwise(torch.randn(10))  # eightbit's locator is installed
+        import theirs
+        print(theirs.twice(21))
+        anonymous = types.FunctionType(theirs.twice.py_func.__code__, {})  # __module__ is None
+        print(numba.njit(cache=True)(anonymous)(5))
+        """
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "NUMBA_CACHE_DIR": ""}
+    assert _run(code, env).split() == ["42", "10"]
+    assert list((tmp_path / "__pycache__").glob("theirs.twice*.nbi"))
+
+
 def test_table_is_exact_for_every_bin_of_the_dynamic_map():
     # Independent of the kernels: the table entry of each bin, applied to the bin's edges,
     # gives searchsorted's count.
