@@ -20,6 +20,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -80,11 +81,19 @@ def _child(name: str, numel: int, steps: int) -> dict:
         del params, optimizer
 
 
-def measure(names: list[str], numel: int, *, steps: int = STEPS, log=print) -> list[PeakMemory]:
-    """One subprocess per contender name; failures become notes, never exceptions."""
+def measure(
+    names: list[str], numel: int, *, steps: int = STEPS, deadline: float | None = None, log=print
+) -> list[PeakMemory]:
+    """One subprocess per contender name; failures become notes, never exceptions. Past
+    ``deadline`` (a ``time.perf_counter()`` value) no further subprocess starts."""
     results = []
     for name in names:
         res = PeakMemory(name, numel)
+        if deadline is not None and time.perf_counter() > deadline:
+            res.note = "not measured (time limit)"
+            log(f"    {name:<30} {res.note}")
+            results.append(res)
+            continue
         cmd = [sys.executable, "-m", __name__, name, str(numel), str(steps)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="fp32 values for the quantize / dequantize throughput (default 16M; "
                          "quick 4M)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--time-limit", type=float,
+                    help="seconds the run aims to stay within (default 540; quick 70): when the "
+                         "step timings pass 65%% of it, the remaining sizes time only fast "
+                         "optimizers with fewer steps, and memory subprocesses that would start "
+                         "after it are left out")
     ap.add_argument("--write", action=argparse.BooleanOptionalAction,
                     help="write RESULTS.md, the PNG and the README table (default: full runs only)")
     args = ap.parse_args(argv)
@@ -77,11 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     layouts=[1] if quick else [1, 64], reps=10 if quick else 25,
                     min_reps=3 if quick else 5, budget=2.0 if quick else 10.0,
                     max_step_s=1.5 if quick else 5.0, write=not quick,
+                    time_limit=70.0 if quick else 540.0,
                     throughput_size=4 << 20 if quick else 16 << 20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.no_memory = args.no_memory or quick
+    args.late_cells = []  # cells timed with the LATE settings
     if min(args.reps, args.min_reps) < 1 or args.min_reps > args.reps:
         ap.error("need 1 <= --min-reps <= --reps")
     for n in args.sizes:
@@ -104,6 +111,35 @@ def _predictions(done: list[steps.StepResult], n_tensors: int, numel: int) -> di
     return out
 
 
+# Past this fraction of --time-limit, the remaining step timings shrink to these settings.
+STEPS_SHARE, LATE = 0.65, dict(min_reps=3, budget_s=1.0, max_step_s=0.5)
+
+
+def _time_steps(args, contenders, started: float) -> list[steps.StepResult]:
+    results: list[steps.StepResult] = []
+    for n_tensors in args.layouts:
+        for numel in sorted(args.sizes):
+            _log(f"\noptimizer.step(), {report.cell_label(numel, n_tensors)} "
+                 f"({numel:,} fp32 parameters in {n_tensors} tensor(s))")
+            settings = dict(min_reps=args.min_reps, budget_s=args.budget,
+                            max_step_s=args.max_step_s)
+            if time.perf_counter() - started > STEPS_SHARE * args.time_limit:
+                settings = {k: min(v, settings[k]) for k, v in LATE.items()}
+                args.late_cells.append(report.cell_label(numel, n_tensors))
+                _log(f"    behind --time-limit {args.time_limit:g} s: {settings}")
+            cell = steps.time_cell(
+                contenders, numel, n_tensors, reps=args.reps, **settings,
+                predicted=_predictions(results, n_tensors, numel), log=_log)
+            base = next(r.median_s for r in cell if r.name == BASELINE)
+            for r in cell:
+                if r.median_s is not None:
+                    _log(f"    {r.name:<30} {r.median_s * 1e3:10.2f} ms  x{r.median_s / base:7.2f}"
+                         f"  ({r.steps} steps, first step {r.first_step_s:.2f} s)")
+            results += cell
+            gc.collect()  # the cell's parameters and states go before the next cell's arrive
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -113,22 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in contenders:
         if c.missing:
             _log(f"  {c.name}: {c.missing}")
-    results: list[steps.StepResult] = []
-    for n_tensors in args.layouts:
-        for numel in sorted(args.sizes):
-            _log(f"\noptimizer.step(), {report.cell_label(numel, n_tensors)} "
-                 f"({numel:,} fp32 parameters in {n_tensors} tensor(s))")
-            cell = steps.time_cell(
-                contenders, numel, n_tensors, reps=args.reps, min_reps=args.min_reps,
-                budget_s=args.budget, max_step_s=args.max_step_s,
-                predicted=_predictions(results, n_tensors, numel), log=_log)
-            base = next(r.median_s for r in cell if r.name == BASELINE)
-            for r in cell:
-                if r.median_s is not None:
-                    _log(f"    {r.name:<30} {r.median_s * 1e3:10.2f} ms  x{r.median_s / base:7.2f}"
-                         f"  ({r.steps} steps, first step {r.first_step_s:.2f} s)")
-            results += cell
-            gc.collect()  # the cell's parameters and states go before the next cell's arrive
+    results = _time_steps(args, contenders, started)
     memory_numel = args.memory_size if args.memory_size in args.sizes else max(args.sizes)
     if 1 not in args.layouts:
         memory_numel = None
@@ -140,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory and memory_numel:
         _log(f"\npeak process memory, {memory_numel:,} parameters, one subprocess per optimizer")
         names = [c.name for c in contenders if not c.missing]
-        peaks = memory.measure(names, memory_numel, log=_log)
+        peaks = memory.measure(names, memory_numel, log=_log,
+                               deadline=started + args.time_limit)
     elapsed = time.perf_counter() - started
     tables = {
         "step": report.step_table(results, min_steps=MIN_STEPS),
@@ -167,7 +189,7 @@ def _write(args, tables, results, peaks, memory_numel, elapsed, command) -> None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = dict(stamp=stamp, machine=report.machine(), versions=report.versions(),
                 command=command, elapsed=elapsed, memory_numel=memory_numel,
-                min_steps=MIN_STEPS, args=args)
+                min_steps=MIN_STEPS, args=args, late=LATE)
     png = HERE / "cpu_bench.png"
     report.chart(results, peaks, memory_numel or max(args.sizes), png)
     report.replace_section(HERE / "RESULTS.md", results_section(tables, info),

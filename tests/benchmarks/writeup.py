@@ -72,11 +72,18 @@ def summary_table(tables: dict) -> list[list[str]]:
 
 def _method(info: dict) -> str:
     a = info["args"]
+    late = ""
+    if a.late_cells:
+        s = info["late"]
+        late = (f"- **Behind the time limit** ({a.time_limit:g} s): the cells "
+                f"{', '.join(a.late_cells)} were timed with at least {s['min_reps']} steps, a "
+                f"{s['budget_s']:g} s budget, and optimizers slower than {s['max_step_s']:g} "
+                "s/step skipped.\n")
     return METHOD.format(
         budget=a.budget, min_reps=a.min_reps, reps=a.reps, min_steps=info["min_steps"],
         max_step_s=a.max_step_s, baseline=BASELINE, mem_steps=STEPS,
         memory_size=f"{(info['memory_numel'] or 0):,}",
-    )
+    ) + late
 
 
 def results_section(tables: dict, info: dict) -> str:
