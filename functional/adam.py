@@ -174,6 +174,16 @@ def adam32bit_update(
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     # Backend dispatch for fp32-state Adam: the one place an implementation is chosen.
+    if params and params[0].is_cuda:
+        from .cuda import adam32bit  # fused CUDA kernels; CuPy is imported on the first launch
+
+        adam32bit(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        return
     _adam_torch(
         params, grads, _chunked.fp32_states(exp_avgs, params, name="exp_avgs"),
         _chunked.fp32_states(exp_avg_sqs, params, name="exp_avg_sqs"),

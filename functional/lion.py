@@ -123,6 +123,14 @@ def lion32bit_update(
     """
     _chunked.check_params(params, grads, None)
     # Backend dispatch for fp32-state Lion: the one place an implementation is chosen.
+    if params and params[0].is_cuda:
+        from .cuda import lion32bit  # fused CUDA kernels; CuPy is imported on the first launch
+
+        lion32bit(
+            params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            maximize=maximize, bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        return
     _lion_torch(
         params, grads, _chunked.fp32_states(exp_avgs, params, name="exp_avgs"), lr=lr,
         beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,

@@ -158,6 +158,15 @@ def rmsprop32bit_update(
     if centered and grad_avgs is None:
         raise ValueError("centered=True needs grad_avgs")
     # Backend dispatch for fp32-state RMSprop: the one place an implementation is chosen.
+    if params and params[0].is_cuda:
+        from .cuda import rmsprop32bit  # fused CUDA kernels; CuPy is imported on the first launch
+
+        rmsprop32bit(
+            params, grads, square_avgs, momentum_buffers, grad_avgs, lr=lr, alpha=alpha, eps=eps,
+            weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        return
     _rmsprop_torch(
         params, grads, _chunked.fp32_states(square_avgs, params, name="square_avgs"),
         _chunked.fp32_states(momentum_buffers if momentum > 0 else None, params,

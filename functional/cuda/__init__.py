@@ -8,6 +8,8 @@ the rule in fp32, store the parameter, requantize (block absmax and the codebook
 ``quant/cuda/eightbit_quant.cuh``) and store codes and absmax. Parameters of every size share one
 multi-tensor launch per (parameter dtype, gradient dtype); ``lr`` (a CUDA tensor) and the step
 counters are read on the device, so ``optimizer.step()`` can be captured in a CUDA graph.
+:func:`adam32bit`, :func:`rmsprop32bit` and :func:`lion32bit` run the same kernels on float32
+states (``state_bits=32``: parameters below ``min_8bit_size`` and fp32 param groups).
 
 Bytes moved per fp32 parameter: Adam 16 (read p, g, m, v; write p, m, v), Lion and RMSprop 14,
 against 28 for torch's fused fp32 Adam (DESIGN.md, cost model).
@@ -34,7 +36,18 @@ import torch
 
 from ._launch import KERNEL_DIR, launch
 
-__all__ = ["KERNEL_DIR", "adam8bit", "lion8bit", "rmsprop8bit"]
+__all__ = [
+    "KERNEL_DIR",
+    "adam8bit",
+    "adam32bit",
+    "lion8bit",
+    "lion32bit",
+    "rmsprop8bit",
+    "rmsprop32bit",
+]
+
+# The fp32-state twins have no quantization blocks; this only sets the kernels' tile (2048).
+FP32_STATE_TILE_BLOCK = 256
 
 
 def adam8bit(
@@ -65,7 +78,7 @@ def adam8bit(
     if amsgrad and max_exp_avg_sq_codes is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sq_codes and max_exp_avg_sq_absmax")
     launch(
-        "adam8bit_kernel",
+        "adam_kernel",
         "adam.cu",
         params,
         grads,
@@ -78,6 +91,7 @@ def adam8bit(
         (beta1, beta2, eps, weight_decay, int(decoupled_weight_decay), int(amsgrad), int(maximize)),
         lr=lr,
         block_size=block_size,
+        state_bits=8,
         stochastic_rounding=bf16_stochastic_rounding,
     )
 
@@ -108,7 +122,7 @@ def rmsprop8bit(
     if centered and grad_avg_codes is None:
         raise ValueError("centered=True needs grad_avg_codes and grad_avg_absmax")
     launch(
-        "rmsprop8bit_kernel",
+        "rmsprop_kernel",
         "rmsprop.cu",
         params,
         grads,
@@ -121,6 +135,7 @@ def rmsprop8bit(
         (alpha, eps, weight_decay, momentum, int(centered), int(maximize)),
         lr=lr,
         block_size=block_size,
+        state_bits=8,
         stochastic_rounding=bf16_stochastic_rounding,
     )
 
@@ -141,7 +156,7 @@ def lion8bit(
 ) -> None:
     """Lion step of ``lion.cu`` (the math of :func:`eightbit.functional.lion8bit_update`)."""
     launch(
-        "lion8bit_kernel",
+        "lion_kernel",
         "lion.cu",
         params,
         grads,
@@ -150,5 +165,115 @@ def lion8bit(
         (beta1, beta2, weight_decay, int(maximize)),
         lr=lr,
         block_size=block_size,
+        state_bits=8,
+        stochastic_rounding=bf16_stochastic_rounding,
+    )
+
+
+def adam32bit(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
+    steps: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    bf16_stochastic_rounding: bool = False,
+) -> None:
+    """The fp32-state Adam / AdamW step (``adam.cu``, ``state_bits=32``): the math of
+    :func:`eightbit.functional.adam32bit_update` on float32 state tensors."""
+    if len(steps) != len(params):
+        raise ValueError(f"steps has {len(steps)} entries but there are {len(params)} parameters")
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    launch(
+        "adam_kernel",
+        "adam.cu",
+        params,
+        grads,
+        [(exp_avgs, None), (exp_avg_sqs, None), (max_exp_avg_sqs if amsgrad else None, None)],
+        steps,
+        (beta1, beta2, eps, weight_decay, int(decoupled_weight_decay), int(amsgrad), int(maximize)),
+        lr=lr,
+        block_size=FP32_STATE_TILE_BLOCK,
+        state_bits=32,
+        stochastic_rounding=bf16_stochastic_rounding,
+    )
+
+
+def rmsprop32bit(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    square_avgs: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None,
+    grad_avgs: Sequence[torch.Tensor] | None,
+    *,
+    lr: float | torch.Tensor,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    bf16_stochastic_rounding: bool = False,
+) -> None:
+    """The fp32-state RMSprop step (``rmsprop.cu``, ``state_bits=32``): the math of
+    :func:`eightbit.functional.rmsprop32bit_update` on float32 state tensors."""
+    if momentum != 0 and momentum_buffers is None:
+        raise ValueError("momentum > 0 needs momentum_buffers")
+    if centered and grad_avgs is None:
+        raise ValueError("centered=True needs grad_avgs")
+    launch(
+        "rmsprop_kernel",
+        "rmsprop.cu",
+        params,
+        grads,
+        [
+            (square_avgs, None),
+            (momentum_buffers if momentum != 0 else None, None),
+            (grad_avgs if centered else None, None),
+        ],
+        None,
+        (alpha, eps, weight_decay, momentum, int(centered), int(maximize)),
+        lr=lr,
+        block_size=FP32_STATE_TILE_BLOCK,
+        state_bits=32,
+        stochastic_rounding=bf16_stochastic_rounding,
+    )
+
+
+def lion32bit(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    bf16_stochastic_rounding: bool = False,
+) -> None:
+    """The fp32-state Lion step (``lion.cu``, ``state_bits=32``): the math of
+    :func:`eightbit.functional.lion32bit_update` on float32 state tensors."""
+    launch(
+        "lion_kernel",
+        "lion.cu",
+        params,
+        grads,
+        [(exp_avgs, None)],
+        None,
+        (beta1, beta2, weight_decay, int(maximize)),
+        lr=lr,
+        block_size=FP32_STATE_TILE_BLOCK,
+        state_bits=32,
         stochastic_rounding=bf16_stochastic_rounding,
     )

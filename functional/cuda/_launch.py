@@ -72,7 +72,9 @@ def group_params(
         group.grads.append(contiguous)
         group.states.append(
             [
-                (codes[index], absmax[index]) if codes is not None else (None, None)
+                (codes[index], None if absmax is None else absmax[index])
+                if codes is not None
+                else (None, None)
                 for codes, absmax in states
             ]
             + [(None, None)] * (MAX_STATES - len(states))
@@ -88,7 +90,7 @@ def group_params(
     return groups
 
 
-def _validate(group: Group, block_size: int, device: torch.device) -> None:
+def _validate(group: Group, block_size: int, state_bits: int, device: torch.device) -> None:
     for p, g, states, step in zip(
         group.params, group.grads, group.states, group.steps, strict=True
     ):
@@ -99,6 +101,13 @@ def _validate(group: Group, block_size: int, device: torch.device) -> None:
             raise ValueError(f"a gradient has {g.numel()} elements but its parameter has {n}")
         for codes, absmax in states:
             if codes is None:
+                continue
+            if state_bits == 32:
+                check_tensor(codes, torch.float32, device, "an fp32 state")
+                if codes.numel() != n:
+                    raise ValueError(
+                        f"an fp32 state of {codes.numel()} elements does not fit a parameter of {n}"
+                    )
                 continue
             check_tensor(codes, torch.uint8, device, "state codes")
             check_tensor(absmax, torch.float32, device, "state absmax")
@@ -112,7 +121,7 @@ def _validate(group: Group, block_size: int, device: torch.device) -> None:
 
 
 def _build_table(
-    group: Group, tile: int, device: torch.device
+    group: Group, tile: int, state_alignment: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     rows, first = [], 0
     for p, g, states, step in zip(
@@ -121,7 +130,7 @@ def _build_table(
         n = p.numel()
         pointers = [0 if t is None else t.data_ptr() for pair in states for t in pair]
         aligned = all(x % 16 == 0 for x in (p.data_ptr(), g.data_ptr())) and all(
-            x % 8 == 0 for x in pointers[0::2]
+            x % state_alignment == 0 for x in pointers[0::2]
         )
         rows += [
             p.data_ptr(),
@@ -166,7 +175,7 @@ def _signature(params, grads, states, steps, block_size) -> tuple:
             key.append(None)
         else:
             key += [c.data_ptr() for c in codes]
-            key += [a.data_ptr() for a in absmax]
+            key += [a.data_ptr() for a in absmax or ()]
     if steps is not None:
         key += [(t.data_ptr(), t.device.type) for t in steps]
     return tuple(key)
@@ -207,11 +216,12 @@ def _capturing(device: torch.device) -> bool:
 plans = _Plans()
 
 
-def _make_plans(params, grads, states, steps, block_size: int, tile: int) -> list[Plan]:
+def _make_plans(params, grads, states, steps, block_size, state_bits, tile) -> list[Plan]:
     made = []
     for (device, p_dtype, g_dtype), group in group_params(params, grads, states, steps).items():
-        _validate(group, block_size, device)
-        host, table, num_tiles = _build_table(group, tile, device)
+        _validate(group, block_size, state_bits, device)
+        alignment = 8 if state_bits == 8 else 16  # uint2 code stores, or float4 state loads
+        host, table, num_tiles = _build_table(group, tile, alignment, device)
         made.append(
             Plan(
                 device, (p_dtype, g_dtype), host, table, len(group.params), num_tiles, group.copies
@@ -257,19 +267,21 @@ def launch(
     *,
     lr: float | torch.Tensor,
     block_size: int,
+    state_bits: int,
     stochastic_rounding: bool,
 ) -> None:
     """Run ``kernel_name`` of ``source`` over all parameters: one launch per dtype group.
 
-    ``states``: per kernel state slot, ``(codes list, absmax list)`` or ``(None, None)``.
+    ``states``: per kernel state slot, ``(codes list, absmax list)`` (``state_bits=8``) or
+    ``(fp32 state list, None)`` (``state_bits=32``), or ``(None, None)`` for a state not kept.
     ``hyper``: the kernel's arguments after ``lr`` and before ``seed``, in C order.
     """
     check_block_size(block_size)
     block, tile = launch_shape(block_size)
-    key = (kernel_name, _signature(params, grads, states, steps, block_size))
+    key = (kernel_name, state_bits, _signature(params, grads, states, steps, block_size))
     todo = plans.get(key)
     if todo is None:
-        todo = _make_plans(params, grads, states, steps, block_size, tile)
+        todo = _make_plans(params, grads, states, steps, block_size, state_bits, tile)
         plans.put(key, todo)
     for plan in todo:
         device = plan.device
@@ -282,6 +294,7 @@ def launch(
             get_codebook("dynamic", signed=True, device=device),
             get_codebook("dynamic", signed=False, device=device),
             block_size,
+            state_bits,
             lr_ptr,
             lr_value,
             *hyper,

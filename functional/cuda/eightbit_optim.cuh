@@ -7,6 +7,8 @@
 // Multi-tensor table (int64, kFields per parameter, built by functional/cuda/_launch.py):
 //   param, grad, codes/absmax of states 0..2 (0 = state absent), step (float*, or 0),
 //   numel, first tile, aligned (param and grad 16-byte, codes 8-byte aligned).
+// state_bits = 32: the fp32-state twins (small parameters, state_bits=32 groups) use the same
+// table with each state's float32 tensor in its codes slot (16-byte aligned) and no absmax.
 // seed (int64 on the device, or null): bfloat16 parameters are rounded stochastically with
 // Philox keyed by it; the launcher draws it from torch's generator at every step.
 // A tile is blockDim.x * 8 elements of one parameter (whole quantization blocks); every
@@ -123,9 +125,10 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
                                                   int num_tensors, long long num_tiles,
                                                   const float* __restrict__ signed_codebook,
                                                   const float* __restrict__ unsigned_codebook,
-                                                  int block_size,
+                                                  int block_size, int state_bits,
                                                   const long long* __restrict__ seed) {
   constexpr int S = Rule::kStates;
+  const bool quantized = state_bits == 8;
   static_assert(S >= 1 && S <= kMaxStates, "a rule keeps one to three 8-bit states");
   __shared__ Codebook books[2];  // [0] signed map, [1] unsigned map
   __shared__ unsigned scratch[kMaxWarps];
@@ -162,7 +165,9 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
     for (int j = 0; j < S; ++j) {
       const unsigned char* codes = reinterpret_cast<const unsigned char*>(e[kStateCodes + 2 * j]);
       const float* absmax = reinterpret_cast<const float*>(e[kStateCodes + 2 * j + 1]);
-      if (codes != nullptr) {
+      if (!quantized && codes != nullptr) {  // an fp32 state: its values, in the codes slot
+        load_items(reinterpret_cast<const float*>(codes), i, n, vec, s[j]);
+      } else if (codes != nullptr) {
         unsigned c[kItems];
         load_codes(codes, i, n, vec, c);
         decode_items(c, live ? absmax[i >> block_shift] : 0.0f,
@@ -190,7 +195,9 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
     for (int j = 0; j < S; ++j) {
       unsigned char* codes = reinterpret_cast<unsigned char*>(e[kStateCodes + 2 * j]);
       float* absmax = reinterpret_cast<float*>(e[kStateCodes + 2 * j + 1]);
-      if (codes != nullptr) {
+      if (!quantized && codes != nullptr) {
+        store_items(reinterpret_cast<float*>(codes), i, n, vec, s[j]);
+      } else if (codes != nullptr) {
         unsigned c[kItems];
         const Scale scale = quantize_items(
             s[j], group, books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].tree, scratch, c);

@@ -39,14 +39,14 @@ struct LionRule {
 
 template <typename T, typename G>
 __global__ void __launch_bounds__(512)
-    lion8bit_kernel(const long long* __restrict__ table, int num_tensors, long long num_tiles,
-                    const float* __restrict__ signed_codebook,
-                    const float* __restrict__ unsigned_codebook, int block_size,
-                    const float* __restrict__ lr_ptr, double lr, double beta1, double beta2,
-                    double weight_decay, int maximize, const long long* __restrict__ seed) {
+    lion_kernel(const long long* __restrict__ table, int num_tensors, long long num_tiles,
+                const float* __restrict__ signed_codebook,
+                const float* __restrict__ unsigned_codebook, int block_size, int state_bits,
+                const float* __restrict__ lr_ptr, double lr, double beta1, double beta2,
+                double weight_decay, int maximize, const long long* __restrict__ seed) {
   LionRule rule{lr_ptr, lr, beta1, beta2, weight_decay, maximize != 0};
-  multi_tensor_step<T, G>(rule, table, num_tensors, num_tiles, signed_codebook, unsigned_codebook,
-                          block_size, seed);
+  multi_tensor_step<T, G>(rule, table, num_tensors, num_tiles, signed_codebook,
+                          unsigned_codebook, block_size, state_bits, seed);
 }
 
 }  // namespace eightbit

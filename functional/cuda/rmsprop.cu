@@ -54,16 +54,16 @@ struct RMSpropRule {
 
 template <typename T, typename G>
 __global__ void __launch_bounds__(512)
-    rmsprop8bit_kernel(const long long* __restrict__ table, int num_tensors, long long num_tiles,
-                       const float* __restrict__ signed_codebook,
-                       const float* __restrict__ unsigned_codebook, int block_size,
-                       const float* __restrict__ lr_ptr, double lr, double alpha, double eps,
-                       double weight_decay, double momentum, int centered, int maximize,
-                       const long long* __restrict__ seed) {
+    rmsprop_kernel(const long long* __restrict__ table, int num_tensors, long long num_tiles,
+                   const float* __restrict__ signed_codebook,
+                   const float* __restrict__ unsigned_codebook, int block_size, int state_bits,
+                   const float* __restrict__ lr_ptr, double lr, double alpha, double eps,
+                   double weight_decay, double momentum, int centered, int maximize,
+                   const long long* __restrict__ seed) {
   RMSpropRule rule{lr_ptr, lr, alpha, eps, weight_decay, momentum,
                    momentum != 0.0, centered != 0, maximize != 0};
-  multi_tensor_step<T, G>(rule, table, num_tensors, num_tiles, signed_codebook, unsigned_codebook,
-                          block_size, seed);
+  multi_tensor_step<T, G>(rule, table, num_tensors, num_tiles, signed_codebook,
+                          unsigned_codebook, block_size, state_bits, seed);
 }
 
 }  // namespace eightbit

@@ -40,6 +40,7 @@ from tests.functional.test_rules import (
     BLOCK,
     RULES,
     call8,
+    call32,
     is_on,
     make_problem,
     quantize_states,
@@ -125,6 +126,20 @@ def test_kernel_matches_torch_path(rule, shape):
     assert_states_close(rule, ref_codes, ref_absmax, codes, absmax)
 
 
+@pytest.mark.parametrize("shape", [(1,), (4095,), (64, 300), (0,), (278011,)], ids=str)
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
+def test_fp32_state_twin_matches_torch_path(rule, shape):
+    p, g, states, step = make_problem(rule, shape, step=5.0)
+    on = {k: v for k, v in states.items() if is_on(rule, k)}
+    cpu_p, cpu_states = p.clone(), {k: v.clone() for k, v in states.items()}
+    call32(rule, [cpu_p], [g], cpu_states, [torch.tensor(step)])
+    gpu_p, gpu_states = p.cuda(), {k: v.cuda() for k, v in states.items()}
+    call32(rule, [gpu_p], [g.cuda()], gpu_states, [torch.tensor(step, device="cuda")])
+    assert_params_close(p, cpu_p, gpu_p.cpu())
+    for name in on:  # the states obey the parameter's bound, with u the change of the state
+        assert_params_close(states[name], cpu_states[name], gpu_states[name].cpu())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rule", RULES[::3], ids=lambda r: r.id)
 def test_low_precision_parameters(rule, dtype):
@@ -208,7 +223,8 @@ def test_optimizer_step_first_steps_match_cpu(row):
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
 def test_cuda_graph_capture_of_step_with_tensor_lr(row):
     torch.manual_seed(0)
-    shapes = [(5000,), (64, 300), (1,), (70000,)]
+    # default min_8bit_size: the (1,) and (300,) parameters keep fp32 state (the 32-bit twins)
+    shapes = [(5000,), (64, 300), (1,), (300,), (70000,)]
     init = [torch.randn(s, device="cuda") for s in shapes]
     grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(6)]
     lr = row.kwargs["lr"]
@@ -219,9 +235,7 @@ def test_cuda_graph_capture_of_step_with_tensor_lr(row):
         for p, g in zip(params, static_grads, strict=True):
             p.grad = g
         rate = torch.tensor(lr, device="cuda")
-        # min_8bit_size=0: every parameter takes the 8-bit kernels (the fp32-state twins of
-        # small parameters run the torch path, which reads lr and step on the host)
-        return params, static_grads, rate, row.ours(params, lr=rate, min_8bit_size=0)
+        return params, static_grads, rate, row.ours(params, lr=rate)
 
     eager_params, eager_grads, eager_lr, eager = make()
     params, static_grads, rate, opt = make()
@@ -259,8 +273,8 @@ def test_cuda_graph_capture_of_step_with_tensor_lr(row):
 
 
 def test_step_does_not_synchronise_the_host():
-    params = [torch.randn(100_000, device="cuda"), torch.randn(5000, device="cuda")]
-    opt = Adam8bit(params, lr=torch.tensor(1e-3, device="cuda"), min_8bit_size=0)
+    params = [torch.randn(100_000, device="cuda"), torch.randn(100, device="cuda")]  # 8 and 32 bit
+    opt = Adam8bit(params, lr=torch.tensor(1e-3, device="cuda"))
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # states, compilation

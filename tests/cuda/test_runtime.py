@@ -269,7 +269,7 @@ def test_optimizer_launcher_builds_one_multi_tensor_table(recorded):
         block_size=block_size,
     )
     ((kernel, packed, args, grid, block),) = recorded  # one launch for all parameters
-    assert kernel.name == "adam8bit_kernel" and kernel.dtypes == (torch.float32, torch.float32)
+    assert kernel.name == "adam_kernel" and kernel.dtypes == (torch.float32, torch.float32)
     assert_exact_c_types(kernel, packed, args)
     table, num_tensors, num_tiles = args[0], args[1], args[2]
     tile = block * 8
@@ -480,3 +480,46 @@ def test_temporary_copies_are_written_back_and_never_cached(recorded):
     row = a1[0].tolist()
     assert row[0] != param.data_ptr() and row[1] != grads[0].data_ptr()
     assert not _launch.plans._lru  # nothing kept
+
+
+def test_fp32_state_twins_launch_the_same_kernels_on_float_states(recorded):
+    params = [torch.randn(5000), torch.randn(3)]
+    grads = [torch.randn_like(p) for p in params]
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(2.0) for _ in params]
+    optim_cuda.adam32bit(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        None,
+        steps,
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        amsgrad=False,
+        maximize=False,
+    )
+    ((kernel, packed, args, _, _),) = recorded
+    assert kernel.name == "adam_kernel"
+    assert_exact_c_types(kernel, packed, args)
+    hyper = dict(zip([p.name for p in kernel.signature.params], packed, strict=True))
+    assert hyper["state_bits"] == 32 and hyper["block_size"] == 256
+    rows = args[0].view(2, _launch.FIELDS).tolist()
+    for row, m, v in zip(rows, exp_avgs, exp_avg_sqs, strict=True):
+        assert row[2:8] == [m.data_ptr(), 0, v.data_ptr(), 0, 0, 0]
+    with pytest.raises(TypeError, match="an fp32 state.*must be torch.float32"):
+        optim_cuda.lion32bit(
+            params,
+            grads,
+            [torch.zeros(5000, dtype=torch.uint8), torch.zeros(3)],
+            lr=1e-4,
+            beta1=0.9,
+            beta2=0.99,
+            weight_decay=0.0,
+            maximize=False,
+        )
