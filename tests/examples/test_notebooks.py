@@ -28,7 +28,7 @@ from nbclient import NotebookClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
-EXPECTED = ["02_quantization.ipynb"]
+EXPECTED = ["01_quickstart.ipynb", "02_quantization.ipynb", "03_optimizers.ipynb"]
 # A hang guard per cell, not a performance check: each notebook takes about a minute on 2 CPU cores.
 CELL_TIMEOUT_S = 600
 # The README promises notebooks that load quickly on GitHub: modest embedded PNGs, a few hundred
