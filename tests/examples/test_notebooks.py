@@ -36,28 +36,40 @@ CELL_TIMEOUT_S = 600
 MAX_NOTEBOOK_BYTES = 300_000
 
 
-def _kernel_manager(kernel_dir: Path) -> KernelManager:
-    """A manager for a ``python3`` kernel that runs ``sys.executable -m ipykernel_launcher``."""
-    spec = kernel_dir / "python3"
-    spec.mkdir(parents=True, exist_ok=True)
+def _kernel_manager(folder: Path) -> KernelManager:
+    """A manager for a ``python3`` kernel that runs ``sys.executable -m ipykernel_launcher``.
+
+    Its kernelspec and connection file live in ``folder``, so nothing depends on (or is written
+    to) the user's Jupyter directories.
+    """
+    spec = folder / "kernels" / "python3"
+    spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     kernel = {"argv": argv, "display_name": "Python 3 (eightbit tests)", "language": "python"}
     (spec / "kernel.json").write_text(json.dumps(kernel))
-    specs = KernelSpecManager(kernel_dirs=[str(kernel_dir)], ensure_native_kernel=False)
-    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    specs = KernelSpecManager(kernel_dirs=[str(spec.parent)], ensure_native_kernel=False)
+    return KernelManager(
+        kernel_name="python3",
+        kernel_spec_manager=specs,
+        connection_file=str(folder / "connection.json"),
+    )
 
 
-def execute(path: Path, *, workdir: Path, inline_plots: bool) -> nbformat.NotebookNode:
-    """Run the notebook at ``path`` in a fresh kernel (cwd ``workdir``); return it with outputs."""
-    nb = nbformat.read(path, as_version=4)
-    env = dict(os.environ)
-    env.pop("MPLBACKEND", None)
-    if not inline_plots:
-        env["MPLBACKEND"] = "Agg"
-    with tempfile.TemporaryDirectory() as kernel_dir:
+def execute(
+    nb: nbformat.NotebookNode, *, workdir: Path, inline_plots: bool
+) -> nbformat.NotebookNode:
+    """Run ``nb`` in place in a fresh kernel with working directory ``workdir``; return it."""
+    with tempfile.TemporaryDirectory() as folder:
+        env = dict(os.environ)
+        # A fresh kernel: no IPython profile or startup scripts of the user's; Agg unless the
+        # outputs are being saved (then matplotlib-inline embeds the PNGs).
+        env["IPYTHONDIR"] = os.path.join(folder, "ipython")
+        env.pop("MPLBACKEND", None)
+        if not inline_plots:
+            env["MPLBACKEND"] = "Agg"
         client = NotebookClient(
             nb,
-            km=_kernel_manager(Path(kernel_dir)),
+            km=_kernel_manager(Path(folder)),
             kernel_name="python3",
             timeout=CELL_TIMEOUT_S,
             record_timing=False,
@@ -71,10 +83,17 @@ def test_all_notebooks_are_collected():
     assert [p.name for p in NOTEBOOKS] == EXPECTED
 
 
+def test_kernel_runs_this_interpreter_with_agg(tmp_path):
+    probe = "import sys, matplotlib; print(sys.executable, matplotlib.get_backend().lower())"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(probe)])
+    execute(nb, workdir=tmp_path, inline_plots=False)
+    assert nb.cells[0].outputs[0].text.split() == [sys.executable, "agg"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path):
-    nb = execute(path, workdir=tmp_path, inline_plots=False)
+    nb = execute(nbformat.read(path, as_version=4), workdir=tmp_path, inline_plots=False)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     assert all(cell.execution_count is not None for cell in code)
     assert not list(tmp_path.iterdir()), "the notebook left files in its working directory"
@@ -100,7 +119,7 @@ def test_notebook_is_committed_with_outputs(path):
 def _update(paths: list[Path]) -> None:
     for path in paths:
         start = time.perf_counter()
-        nb = execute(path, workdir=EXAMPLES, inline_plots=True)
+        nb = execute(nbformat.read(path, as_version=4), workdir=EXAMPLES, inline_plots=True)
         nbformat.write(nb, path)
         size = path.stat().st_size
         print(f"{path.name}: {time.perf_counter() - start:.1f} s, {size / 1000:.0f} KB")
