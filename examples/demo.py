@@ -6,7 +6,7 @@ start from the same seed and see the same batches; each runs in its own process 
 memory is its own. The script prints a table (optimizer state, peak memory, time per step, final
 loss) and writes both loss curves to demo_out/loss_curves.png.
 
-    python examples/demo.py                 # ~2 minutes on a 2-core CPU; uses CUDA when present
+    python examples/demo.py                 # 2-3 minutes on a 2-core CPU; uses CUDA when present
     python examples/demo.py --steps 100     # shorter
 """
 
