@@ -245,7 +245,9 @@ def chart(results: list[StepResult], peaks: list[PeakMemory], numel: int, path: 
             if x is not None:
                 xs.append(i + (k - (len(timed) - 1) / 2) * width)
                 ys.append(x)
-        left.bar(xs, ys, width, label=name, color=colors.get(name), edgecolor="black", lw=0.3)
+        eager = "eager" in name or "torch path" in name  # hatched: the unfused variants
+        left.bar(xs, ys, width, label=name, color=colors.get(name), edgecolor="black", lw=0.3,
+                 hatch="///" if eager else None)
     left.set_yscale("log")
     left.axhline(1.0, color="black", lw=0.8)
     left.set_xticks(range(len(cells)), [cell_label(*c) for c in cells])

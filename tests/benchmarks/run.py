@@ -112,7 +112,7 @@ def _predictions(done: list[steps.StepResult], n_tensors: int, numel: int) -> di
 
 
 # Past this fraction of --time-limit, the remaining step timings shrink to these settings.
-STEPS_SHARE, LATE = 0.65, dict(min_reps=3, budget_s=1.0, max_step_s=0.5)
+STEPS_SHARE, LATE = 0.65, dict(min_reps=3, budget_s=2.0, max_step_s=1.5)
 
 
 def _time_steps(args, contenders, started: float) -> list[steps.StepResult]:

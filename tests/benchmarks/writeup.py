@@ -43,10 +43,10 @@ def _short(entry: str) -> str:
     if entry.startswith("not"):
         return "not installed" if "installed" in entry else "n/a"
     if entry.startswith("skipped"):
-        return "skipped (slow)"
+        return "skipped"
     if entry.startswith("failed"):
         return "failed"
-    return entry
+    return entry.split(" (at ")[0]
 
 
 def _ratio_only(entry: str) -> str:
@@ -116,8 +116,9 @@ def readme_section(tables: dict, info: dict) -> str:
         "columns: parameters x tensors) and optimizer state per parameter:"
     )
     outro = (
-        "Full tables (milliseconds, peak memory, quantize/dequantize GB/s), the chart and the "
-        "method: [tests/benchmarks/RESULTS.md](tests/benchmarks/RESULTS.md)."
+        "\"skipped\": a step there would take seconds, more than the 10-minute run allows. Full "
+        "tables (milliseconds, peak memory, quantize/dequantize GB/s), the chart and the method: "
+        "[tests/benchmarks/RESULTS.md](tests/benchmarks/RESULTS.md)."
     )
     return "\n\n".join(["## Performance", _wrap(intro), markdown(summary_table(tables)),
                         _wrap(outro)])
