@@ -110,6 +110,37 @@ def first_step_table(results: list[StepResult]) -> list[list[str]]:
     return rows
 
 
+TARGET_CELL = (16 << 20, 1)  # the cell the CPU targets are stated for: 16M parameters, one tensor
+
+
+def targets_table(results: list[StepResult], through: list[Throughput]) -> list[list[str]]:
+    """The fused CPU path's targets, each with the measured value and whether it is met."""
+    at = {r.name: r.median_s for r in results if (r.numel, r.n_tensors) == TARGET_CELL}
+    gbps = {t.name: t.gbps for t in through}
+    base, bnb = at.get(BASELINE), at.get("bitsandbytes Adam8bit")
+    rows = [["target (16M fp32 parameters, one tensor)", "measured", "met"]]
+
+    def add(what: str, value: float | None, goal: float, *, at_most: bool, unit: str = "x"):
+        if value is None:
+            rows.append([what, "not measured", "-"])
+        else:
+            met = value <= goal if at_most else value >= goal
+            shown = f"{value:.0%}" if unit == "%" else times(value)
+            rows.append([what, shown, "yes" if met else "no"])
+
+    for name in ("Adam8bit", "Lion8bit", "RMSprop8bit"):
+        t = at.get(f"eightbit {name}")
+        add(f"{name} step <= 2x {BASELINE}", t / base if t and base else None, 2.0, at_most=True)
+    t = at.get("eightbit Adam8bit")
+    add("Adam8bit step >= 10x faster than bitsandbytes Adam8bit",
+        bnb / t if t and bnb else None, 10.0, at_most=False)
+    copy = next((v for k, v in gbps.items() if k.startswith("torch copy")), None)
+    q = gbps.get("eightbit quantize_blockwise")
+    add("quantize_blockwise >= 50% of a copy's GB/s", q / copy if q and copy else None, 0.5,
+        at_most=False, unit="%")
+    return rows
+
+
 def _mib(b: int | None) -> str:
     return f"{b / 2**20:,.0f} MiB" if b is not None else "-"
 

@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         "first": report.first_step_table(results),
         "memory": report.memory_table(results, peaks, memory_numel) if memory_numel else None,
         "throughput": report.throughput_table(through),
+        "targets": report.targets_table(results, through),
     }
     _log(f"\n{report.console(tables['step'])}\n")
     _log(f"{report.console(tables['first'])}\n")
     if tables["memory"]:
         _log(f"{report.console(tables['memory'])}\n")
     _log(f"{report.console(tables['throughput'])}\n")
+    _log(f"{report.console(tables['targets'])}\n")
     _log(f"benchmark run time: {elapsed:.0f} s")
     if args.write:
         command = " ".join(["python -m tests.benchmarks.run", *(sys.argv[1:] if argv is None

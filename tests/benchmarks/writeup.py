@@ -103,7 +103,8 @@ def results_section(tables: dict, info: dict) -> str:
         parts += [f"### Memory at {info['memory_numel']:,} parameters (one tensor)",
                   markdown(tables["memory"])]
     parts += ["### Blockwise quantize / dequantize throughput (block 256)",
-              markdown(tables["throughput"]), _method(info)]
+              markdown(tables["throughput"]),
+              "### Targets of the fused CPU path", markdown(tables["targets"]), _method(info)]
     return "\n\n".join(parts)
 
 
