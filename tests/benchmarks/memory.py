@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,10 @@ import torch
 
 from .contenders import all_contenders
 
+ROOT = Path(__file__).resolve().parents[2]  # the child imports tests.benchmarks from here
+# glibc raises its mmap threshold after large frees, after which freed, still-resident heap
+# memory would be reused unseen; a fixed threshold maps (and unmaps) every large block.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
 STEPS = 2  # the first step creates the state, the second is a steady one
 # A small run first loads the code the optimizer touches (lazy imports, shared-library pages,
 # numba caches), which would otherwise count as the optimizer's memory.
@@ -96,7 +101,8 @@ def measure(
             continue
         cmd = [sys.executable, "-m", __name__, name, str(numel), str(steps)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                                  env=CHILD_ENV)
             lines = proc.stdout.strip().splitlines()
             if proc.returncode or not lines:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

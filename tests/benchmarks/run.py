@@ -3,6 +3,7 @@
 Run from the repository root::
 
     python -m tests.benchmarks.run            # full run (< 10 min on 2 cores), writes the results
+                                              # (python tests/benchmarks/run.py works too)
     python -m tests.benchmarks.run --quick    # about a minute, prints only
     python -m tests.benchmarks.run --only eightbit bitsandbytes --sizes 16M --layouts 1
 
@@ -25,8 +26,12 @@ from pathlib import Path
 
 import torch
 
-from . import memory, report, steps, throughput
-from .contenders import BASELINE, all_contenders, select
+if __package__ in (None, ""):  # run as a file, python tests/benchmarks/run.py (PEP 366)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "tests.benchmarks"
+
+from . import memory, report, steps, throughput  # noqa: E402
+from .contenders import BASELINE, all_contenders, select  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

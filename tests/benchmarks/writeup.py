@@ -28,8 +28,10 @@ How it was measured (tests/benchmarks/, `make bench`):
   reads its resident set size (VmRSS), resets the kernel's peak (`/proc/self/clear_refs`),
   builds the optimizer, runs {mem_steps} steps and reads the peak (VmHWM). "Peak added" is
   peak - resident before, per parameter: the state plus the step's worst temporaries (plus the
-  compiler, for compiled optimizers). `tracemalloc` cannot see torch's allocations, and
-  `ru_maxrss` of a subprocess inherits its parent's peak.
+  compiler, for compiled optimizers). The child runs with `MALLOC_MMAP_THRESHOLD_=131072`, so
+  that glibc maps every large block afresh instead of reusing freed, still-resident memory
+  unseen. `tracemalloc` cannot see torch's allocations, and `ru_maxrss` of a subprocess
+  inherits its parent's peak.
 - **Throughput**: GB/s = (bytes read + bytes written) / median time; quantize of n fp32 values
   reads 4n and writes n + 4n/256 bytes, dequantize the reverse, a copy reads and writes 4n.
   Each quantizer's round trip error on randn data is shown so that speed cannot hide a wrong
