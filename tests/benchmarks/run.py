@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in args.layouts:
         memory_numel = None
     _log(f"\nquantize / dequantize, {args.throughput_size:,} fp32 values, block 256")
-    through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=args.min_reps,
+    through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=3,
                                  budget_s=args.budget / 2, log=_log,
                                  families={c.family for c in contenders})
     peaks: list[memory.PeakMemory] = []

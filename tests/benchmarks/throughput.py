@@ -112,7 +112,8 @@ def measure(
     """Throughput of the copy and of every available quantizer on ``numel`` fp32 values
     (of the libraries in ``families`` only, when given).
 
-    Each operation runs ``clamp(budget_s / its warm-up time, min_reps, reps)`` times.
+    After a warm-up call, each operation is timed ``clamp(budget_s / its first timed call,
+    min_reps, reps)`` times in all, interleaved with the others.
     """
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
     dst = torch.empty_like(x)
@@ -134,15 +135,18 @@ def measure(
         if why:
             results.append(Throughput(f"{label} quantize / dequantize", numel, note=why))
     timed = {op.name: Throughput(op.name, numel) for op in ops}
-    counts = []
+    probes = []
     for op in ops:
-        if op.roundtrip is not None:
+        if op.roundtrip is not None:  # the round trip doubles as the quantizer's warm-up
             timed[op.name].roundtrip_err = float((op.roundtrip().float() - x).abs().mean())
-        counts.append(reps_for(_timed(op.run)(), reps=reps, min_reps=min_reps, budget_s=budget_s))
+        else:
+            op.run()
+        probes.append(_timed(op.run)())
+    counts = [reps_for(p, reps=reps, min_reps=min_reps, budget_s=budget_s) - 1 for p in probes]
     timings = interleaved([_timed(op.run) for op in ops], counts)
-    for op, times in zip(ops, timings, strict=True):
+    for op, probe, times in zip(ops, probes, timings, strict=True):
         res = timed[op.name]
-        res.median_s = statistics.median(times)
+        res.median_s = statistics.median([probe] + times)
         res.gbps = op.nbytes / res.median_s / 1e9
         log(f"    {op.name:<36} {res.median_s * 1e3:9.2f} ms {res.gbps:7.2f} GB/s")
     return list(timed.values()) + results
