@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ def _time_steps(args, contenders, started: float) -> list[steps.StepResult]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     contenders = select(all_contenders(), args.only)
     _log(f"eightbit benchmarks ({'quick' if args.quick else 'full'}) on {report.machine()}")
     _log(report.versions())
@@ -186,17 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         command = " ".join(["python -m tests.benchmarks.run", *(sys.argv[1:] if argv is None
                                                                  else argv)])
-        _write(args, tables, results, peaks, memory_numel, elapsed, command)
+        load = (load_at_start, os.getloadavg()[0])
+        _write(args, tables, results, peaks, memory_numel, elapsed, command, load)
     return 0
 
 
-def _write(args, tables, results, peaks, memory_numel, elapsed, command) -> None:
+def _write(args, tables, results, peaks, memory_numel, elapsed, command, load) -> None:
     from .writeup import readme_section, results_section
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = dict(stamp=stamp, machine=report.machine(), versions=report.versions(),
                 command=command, elapsed=elapsed, memory_numel=memory_numel,
-                min_steps=MIN_STEPS, args=args, late=LATE)
+                min_steps=MIN_STEPS, args=args, late=LATE, load=load)
     png = HERE / "cpu_bench.png"
     report.chart(results, peaks, memory_numel or max(args.sizes), png)
     report.replace_section(HERE / "RESULTS.md", results_section(tables, info),

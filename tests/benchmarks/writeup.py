@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 from .memory import STEPS
@@ -14,12 +15,13 @@ How it was measured (tests/benchmarks/, `make bench`):
   and gradients, default hyperparameters (lr 1e-3). All optimizers of a size share one process
   and run interleaved, round by round, so machine noise hits them alike. Before each step a
   fresh gradient is copied in from a pool of 3 pre-made ones (outside the timed region). The
-  first step is not timed: it creates the state and, for compiled optimizers, compiles (its time
-  is the "first step" column). An optimizer gets `clamp({budget:g} s / its second step's time,
-  {min_reps}, {reps})` timed steps: the fast ones at least {min_steps}; cells marked `[n steps]`
-  had fewer because each step takes a second or more. An optimizer whose step would take more
-  than {max_step_s:g} s at a size (predicted from the next smaller size; or its second step took
-  twice that) is skipped there, which keeps the run under 10 minutes on 2 cores.
+  first step is not timed: it creates the state and, for compiled optimizers, compiles (the
+  "First step" table). An optimizer gets `clamp({budget:g} s / its second step's time,
+  {min_reps}, {reps})` timed steps, so the fast ones get {reps}; cells marked `[n steps]` had
+  fewer than {min_steps}, because each of their steps takes a second or more. An optimizer
+  whose step would take more than {max_step_s:g} s at a size (predicted from the next smaller
+  size; or its second step took twice that) is skipped there, which keeps the run under 10
+  minutes on 2 cores.
 - **Ratios** are to `{baseline}` in the same run and the same cell (lower is faster).
 - **State B/param**: bytes of all tensors in `optimizer.state` (each storage once; tensor
   subclasses such as torchao's are opened to their inner tensors) divided by the parameter count.
@@ -61,6 +63,14 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=100, break_on_hyphens=False)
 
 
+def _wrap_bullets(text: str) -> str:
+    """Re-wrap a Markdown text of "- " bullets (after formatting changed its line lengths)."""
+    head, *bullets = text.split("\n- ")
+    return "\n".join([head] + [
+        textwrap.fill(" ".join(b.split()), width=100, initial_indent="- ", subsequent_indent="  ",
+                      break_on_hyphens=False) for b in bullets])
+
+
 def summary_table(tables: dict) -> list[list[str]]:
     """Per optimizer: state bytes per parameter, then the step-time ratio in every cell."""
     step = tables["step"]
@@ -81,18 +91,20 @@ def _method(info: dict) -> str:
                 f"{', '.join(a.late_cells)} were timed with at least {s['min_reps']} steps, a "
                 f"{s['budget_s']:g} s budget, and optimizers slower than {s['max_step_s']:g} "
                 "s/step skipped.\n")
-    return METHOD.format(
+    return _wrap_bullets(METHOD.format(
         budget=a.budget, min_reps=a.min_reps, reps=a.reps, min_steps=info["min_steps"],
         max_step_s=a.max_step_s, baseline=BASELINE, mem_steps=STEPS,
         memory_size=f"{(info['memory_numel'] or 0):,}",
-    ) + late
+    ) + late)
 
 
 def results_section(tables: dict, info: dict) -> str:
     parts = [
         "## CPU: `make bench`",
         f"Measured {info['stamp']} on {info['machine']}.  \n{info['versions']}.  \n"
-        f"Command: `{info['command']}` ({info['elapsed'] / 60:.1f} minutes).",
+        f"Command: `{info['command']}` ({info['elapsed'] / 60:.1f} minutes; 1-minute load "
+        f"average {info['load'][0]:.1f} at the start, {info['load'][1]:.1f} at the end, on "
+        f"{os.cpu_count()} cores; a load above the core count means other work shared the CPUs).",
         "![step time ratios and memory](cpu_bench.png)",
         "### optimizer.step() time: median, and ratio to torch Adam fused in the same cell",
         "Columns: parameters x number of equal tensors.",
