@@ -52,17 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="a one-minute look: 1M and 16M as one tensor, fewer steps, no memory "
+                    help="a one-minute look: 1M and 16M parameters, fewer steps, no memory "
                          "subprocesses, nothing written")
     ap.add_argument("--sizes", type=lambda s: [_size(x) for x in s.split(",")],
                     help="parameter counts, e.g. 1M,16M,64M (default; quick: 1M,16M)")
     ap.add_argument("--layouts", type=lambda s: [int(x) for x in s.split(",")],
-                    help="number of equal tensors the parameters are cut into (default 1,64; "
-                         "quick: 1)")
+                    help="number of equal tensors the parameters are cut into (default 1,64)")
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="contenders whose name contains one of these (the baseline always runs)")
     ap.add_argument("--reps", type=int, help="timed steps per contender and cell, at most "
-                    "(default 25; quick 10)")
+                    "(default 25; quick 15)")
     ap.add_argument("--min-reps", type=int, help="timed steps at least, however slow "
                     "(default 5; quick 3)")
     ap.add_argument("--budget", type=float, help="seconds of timed steps per contender and cell "
@@ -85,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     quick = args.quick
     defaults = dict(sizes=[1 << 20, 16 << 20] if quick else [1 << 20, 16 << 20, 64 << 20],
-                    layouts=[1] if quick else [1, 64], reps=10 if quick else 25,
+                    layouts=[1, 64], reps=15 if quick else 25,
                     min_reps=3 if quick else 5, budget=2.0 if quick else 10.0,
                     max_step_s=1.5 if quick else 5.0, write=not quick,
                     time_limit=70.0 if quick else 540.0,
