@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="contenders whose name contains one of these (the baseline always runs)")
     ap.add_argument("--reps", type=int, help="timed steps per contender and cell, at most "
-                    "(default 25; quick 15)")
+                    "(default 40; quick 15)")
     ap.add_argument("--min-reps", type=int, help="timed steps at least, however slow "
                     "(default 5; quick 3)")
     ap.add_argument("--budget", type=float, help="seconds of timed steps per contender and cell "
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     quick = args.quick
     defaults = dict(sizes=[1 << 20, 16 << 20] if quick else [1 << 20, 16 << 20, 64 << 20],
-                    layouts=[1, 64], reps=15 if quick else 25,
+                    layouts=[1, 64], reps=15 if quick else 40,
                     min_reps=3 if quick else 5, budget=2.0 if quick else 10.0,
                     max_step_s=1.5 if quick else 5.0, write=not quick,
                     time_limit=70.0 if quick else 540.0,
