@@ -2,14 +2,14 @@
 
 For each block a kernel dequantizes the states, applies the rule in fp32 registers, writes the
 parameter, keeps the fresh states and their absmax in a block-sized scratch buffer, and then
-requantizes them. A parameter element is read and
-written once; codes are read and written once.
+requantizes them. Parameters, gradients and codes are read and written once per step.
 
 The arithmetic is the torch path's (``functional/adam.py``, ``rmsprop.py``, ``lion.py``)
 operation for operation, including where torch's CPU kernels fuse a multiply-add (lerp,
-addcmul, ``add(..., alpha=)``), so parameters agree bit for bit but for rare last-ulp
-differences. Hyperparameters arrive as fp32 values computed by the caller exactly as torch
-casts Python scalars.
+addcmul, ``add(..., alpha=)``). One difference: sqrt here is IEEE, while torch's CPU sqrt (MKL's
+VML) is not always correctly rounded, so a parameter can differ in its last ulps (bounds in
+tests/functional/test_native.py). Hyperparameters arrive as fp32 values rounded by the caller
+exactly as torch rounds Python scalars.
 
 Imported by :mod:`eightbit.functional._native` on the first CPU step, never at ``import``.
 """

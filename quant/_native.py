@@ -8,8 +8,10 @@ until the first CPU call, so ``import eightbit`` stays fast.
 Both paths compute the same function: identical codes and absmax (see
 :mod:`eightbit.quant.blockwise`). The kernels process a tensor in one pass per block, in parallel
 over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``).
-Compiled kernels are cached on disk (:func:`describe` says where); the first call of a kernel in
-a fresh cache compiles it, in about a second or two.
+Compiled kernels are cached on disk (:func:`describe` says where): the first call of a kernel
+signature in a fresh cache compiles it (1 to 3 s of CPU time; Adam's is the largest), later
+processes load it in tens of milliseconds. A process forked after its parent used the kernels
+(a DataLoader worker, say) uses the torch path: numba's OpenMP threading layer is not fork-safe.
 """
 
 from __future__ import annotations
@@ -57,10 +59,20 @@ def kernels():
             "install it with `pip install numba`, or unset the variable to use the torch path"
         )
     if module is not None:
+        if _first_use_pid() != os.getpid():
+            # A process forked after the parent ran the kernels: numba's OpenMP layer is not
+            # fork-safe (the child would be terminated), so the torch path serves it.
+            return None
         import numba
 
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     return module
+
+
+@functools.lru_cache(maxsize=1)
+def _first_use_pid() -> int:
+    """The process that first used the kernels (a forked child inherits the cached value)."""
+    return os.getpid()
 
 
 def describe() -> str:
@@ -76,6 +88,8 @@ def describe() -> str:
         module = kernels()
     except ImportError as error:
         return f"unavailable: {error}"
+    if module is None and _import_kernels()[0] is not None:
+        return "torch path (a child forked after its parent used the kernels; not fork-safe)"
     if module is None:
         try:
             importlib.metadata.version("numba")

@@ -2,10 +2,15 @@
 the fused optimizer kernels of ``eightbit.functional._numba`` share.
 
 Imported only by :mod:`eightbit.quant._native` (and the functional layer's kernels), on the first
-CPU call, never by ``import eightbit``. Every kernel is ``@njit(parallel=True, cache=True)``: one
-``prange`` iteration per block, compiled once per argument-type signature and cached on disk in
-:func:`cache_dir`. No fast-math anywhere: division, sqrt and rounding are IEEE fp32, as in the
-torch path, which is the oracle these kernels are tested against.
+CPU call, never by ``import eightbit``. Every kernel is ``@njit(parallel=True, cache=True)``,
+parallel over blocks, compiled once per argument-type signature and cached on disk in
+:func:`cache_dir`. No fast-math anywhere: division, sqrt and rounding are IEEE fp32; the torch
+path is the oracle these kernels are tested against.
+
+Two rules keep the loops vectorized (checked in the generated assembly): element loops sit in
+the kernels themselves (numba does not vectorize a loop inside a called helper), and helpers
+are plain ``@njit`` functions that LLVM inlines (numba's IR-level ``inline="always"``
+miscompiled a nested helper call here).
 
 Half-precision tensors arrive as ``uint16`` bit patterns (numpy has no bfloat16, and numba has no
 CPU float16), with a format flag: :data:`F16` or :data:`BF16`.

@@ -212,6 +212,31 @@ def _run(code: str, env: dict) -> str:
     return result.stdout
 
 
+def test_a_process_forked_after_the_kernels_ran_uses_the_torch_path():
+    out = _run(
+        """
+        import multiprocessing, torch
+        from eightbit.quant import _native, _torch, get_codebook, quantize_blockwise
+        x = torch.randn(100000)
+        parent = quantize_blockwise(x).codes
+
+        def child(queue):
+            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP needs it
+            queue.put((_native.kernels() is None, torch.equal(quantize_blockwise(x).codes, parent)))
+
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        print(*queue.get(timeout=60))
+        process.join()
+        print(process.exitcode)
+        """,
+        {},
+    )
+    assert out.split() == ["True", "True", "0"]
+
+
 def test_import_eightbit_does_not_import_numba():
     out = _run(
         """
