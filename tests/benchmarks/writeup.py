@@ -122,13 +122,20 @@ def results_section(tables: dict, info: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _baseline_times(tables: dict) -> str:
+    header, base = tables["step"][0], next(r for r in tables["step"] if r[0] == BASELINE)
+    return ", ".join(f"{entry.split(' (')[0]} at {cell}" for cell, entry in zip(
+        header[1:], base[1:], strict=True))
+
+
 def readme_section(tables: dict, info: dict) -> str:
     intro = (
         "`make bench` times `optimizer.step()` against torch.optim, bitsandbytes and torchao side "
         "by side on your machine (`make bench-quick` for a one-minute look); it installs the peers "
         f"into `.venv` first. On {info['machine']} ({info['stamp'][:10]}), step time relative to "
         "`torch.optim.Adam(fused=True)` in the same run (lower is faster; fp32 parameters; "
-        "columns: parameters x tensors) and optimizer state per parameter:"
+        f"columns: parameters x tensors; {BASELINE} itself took {_baseline_times(tables)}) and "
+        "optimizer state per parameter:"
     )
     outro = (
         "\"skipped\": a step there would take seconds, more than the 10-minute run allows. Full "
