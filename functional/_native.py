@@ -82,7 +82,8 @@ def adam(
         kernel(
             p_array, p_fmt, g_array, g_fmt, *_state(m), *v_state, vmax_codes, vmax_absmax,
             v_max is not None, decay, l2, _f32(1 - beta1), _f32(beta2), _f32(1 - beta2),
-            _f32((1 - beta2**step) ** 0.5), _f32(eps), _f32(-lr / (1 - beta1**step)),
+            # 1 / bias_correction2_sqrt rounded once (fp32 division): the kernel multiplies
+            _f32(1) / _f32((1 - beta2**step) ** 0.5), _f32(eps), _f32(-lr / (1 - beta1**step)),
             _f32(-1.0 if maximize else 1.0), _seed(p, bf16_stochastic_rounding), block_size,
         )
         if work is not p:

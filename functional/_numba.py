@@ -6,8 +6,10 @@ requantizes them. Parameters, gradients and codes are read and written once per 
 
 The arithmetic is the torch path's (``functional/adam.py``, ``rmsprop.py``, ``lion.py``)
 operation for operation, including where torch's CPU kernels fuse a multiply-add (lerp,
-addcmul, ``add(..., alpha=)``). One difference: sqrt here is IEEE, while torch's CPU sqrt (MKL's
-VML) is not always correctly rounded, so a parameter can differ in its last ulps (bounds in
+addcmul, ``add(..., alpha=)``). Two differences touch the parameter only, never a state: sqrt
+here is IEEE, while torch's CPU sqrt (MKL's VML) is not always correctly rounded, and Adam
+multiplies by the rounded reciprocal of its bias correction where torch divides (a division
+less per element); so a parameter can differ in its last ulps (bounds in
 tests/functional/test_native.py). Hyperparameters arrive as fp32 values rounded by the caller
 exactly as torch rounds Python scalars.
 
@@ -17,7 +19,8 @@ Imported by :mod:`eightbit.functional._native` on the first CPU step, never at `
 from __future__ import annotations
 
 import numpy as np
-from numba import prange, uint32, uint64
+from numba import prange, types, uint32, uint64
+from numba.extending import overload
 
 from ..quant._numba import (
     BF16,
@@ -32,6 +35,7 @@ from ..quant._numba import (
     nearest_code,
     set_scale,
     store,
+    umax,
 )
 
 # Parallel tasks per call: each owns a contiguous run of blocks and one scratch buffer.
@@ -44,31 +48,46 @@ def task_blocks(task, tasks, blocks):
     return task * blocks // tasks, (task + 1) * blocks // tasks
 
 
-@helper
 def store_param(p, i, value, fmt, seed):
     """Write a parameter element; ``seed != 0`` rounds a bf16 parameter stochastically.
 
     Stochastic rounding adds 16 random bits below bf16's last bit and truncates (as
     ``functional._chunked.stochastic_round_to_bf16``). The bits come from a counter-based hash
     of ``(seed, i)`` (SplitMix64's finalizer; Steele, Lea & Flood, OOPSLA 2014), so the result
-    does not depend on how blocks are spread over threads.
+    does not depend on how blocks are spread over threads. An fp32 parameter compiles to a
+    plain store (no per-element test of ``seed``).
     """
-    if seed != 0 and fmt == BF16:
-        z = uint64(seed) + uint64(i) * uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
-        noise = uint32((z ^ (z >> uint64(31))) & uint64(0xFFFF))
-        p[i] = np.uint16((f32_bits(value) + noise) >> uint32(16))
-    else:
-        store(p, i, value, fmt)
+
+
+@overload(store_param)
+def _store_param(p, i, value, fmt, seed):
+    if p.dtype == types.float32:
+
+        def plain(p, i, value, fmt, seed):
+            p[i] = value
+
+        return plain
+
+    def impl(p, i, value, fmt, seed):
+        if seed != 0 and fmt == BF16:
+            z = uint64(seed) + uint64(i) * uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
+            noise = uint32((z ^ (z >> uint64(31))) & uint64(0xFFFF))
+            p[i] = np.uint16((f32_bits(value) + noise) >> uint32(16))
+        else:
+            store(p, i, value, fmt)
+
+    return impl
 
 
 @helper
 def lerp(start, end, weight):
-    """torch.lerp's CPU formula (exact at both ends; fused multiply-add)."""
-    if abs(weight) < np.float32(0.5):
-        return fma(weight, end - start, start)
-    return fma(weight - np.float32(1.0), end - start, end)
+    """torch.lerp's CPU formula (exact at both ends; fused multiply-add). The branch on the
+    (loop-invariant) weight is written as selects, so the element loop has none."""
+    small = abs(weight) < np.float32(0.5)
+    w = weight if small else weight - np.float32(1.0)
+    return fma(w, end - start, start if small else end)
 
 
 @helper
@@ -81,17 +100,31 @@ def maximum(a, b):
 def adam_element(p, g, m, v, decay, l2, beta1_weight, beta2, one_minus_beta2):
     """Adam up to the denominator: the decayed parameter and the new m and v."""
     p = p * decay
-    g = fma(l2, p, g) if l2 != 0 else g
+    with_l2 = fma(l2, p, g)  # computed always, selected by a loop-invariant test: no branch
+    g = with_l2 if l2 != 0 else g
     m = lerp(m, g, beta1_weight)
     v = fma(one_minus_beta2 * g, g, v * beta2)
     return p, m, v
+
+
+@helper
+def adam_denom(v_hat, inv_bc2_sqrt, eps):
+    """Adam's denominator ``sqrt(v_hat) / bc2_sqrt + eps``, as a multiply by the rounded
+    reciprocal fused with ``+ eps`` (one rounding each way, as torch's division and addition are
+    two): the parameter may move by a few ulps of its step more than the sqrt alone explains
+    (tests/functional/test_native.py derives the bound). States never depend on it.
+
+    Divisions stay in the kernels: in a helper, numba's zero-division check would be a branch
+    that stops the loop from vectorizing.
+    """
+    return fma(np.sqrt(v_hat), inv_bc2_sqrt, eps)
 
 
 @kernel
 def adam(
     p, p_fmt, g, g_fmt, m_codes, m_absmax, m_codebook, m_table, m_zero,
     v_codes, v_absmax, v_codebook, v_table, v_zero, vmax_codes, vmax_absmax, amsgrad,
-    decay, l2, beta1_weight, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, g_sign,
+    decay, l2, beta1_weight, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step_size, g_sign,
     seed, block_size,
 ):  # fmt: skip
     n = p.size
@@ -104,27 +137,41 @@ def adam(
         first, last = task_blocks(task, tasks, blocks)
         for b in range(first, last):
             start, end = block_range(b, block_size, n)
-            m_scale, v_scale, vmax_scale = m_absmax[b], v_absmax[b], vmax_absmax[b]
+            m_scale, v_scale = m_absmax[b], v_absmax[b]
             m_mag, v_mag, vmax_mag = uint32(0), uint32(0), uint32(0)
-            for i in range(start, end):
-                pi, mi, vi = adam_element(
-                    load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
-                    m_codebook[m_codes[i]] * m_scale, v_codebook[v_codes[i]] * v_scale,
-                    decay, l2, beta1_weight, beta2, one_minus_beta2,
-                )
-                # AMSGrad normalizes by the running max (vmax_* alias v_* when it is off)
-                v_hat = maximum(v_codebook[vmax_codes[i]] * vmax_scale, vi) if amsgrad else vi
-                denom = np.sqrt(v_hat) / bc2_sqrt + eps
-                store_param(p, i, pi + (neg_step_size * mi) / denom, p_fmt, seed)
-                m_new[i - start], v_new[i - start], vmax_new[i - start] = mi, vi, v_hat
-                m_mag = max(m_mag, abs_bits(mi))
-                v_mag = max(v_mag, abs_bits(vi))
-                vmax_mag = max(vmax_mag, abs_bits(v_hat))
+            # Two copies of the element loop, so that plain Adam neither reads nor keeps the
+            # AMSGrad state (vmax_* alias v_* when it is off).
             if amsgrad:
+                vmax_scale = vmax_absmax[b]
+                for i in range(start, end):
+                    pi, mi, vi = adam_element(
+                        load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
+                        m_codebook[m_codes[i]] * m_scale, v_codebook[v_codes[i]] * v_scale,
+                        decay, l2, beta1_weight, beta2, one_minus_beta2,
+                    )
+                    v_hat = maximum(v_codebook[vmax_codes[i]] * vmax_scale, vi)
+                    pi = pi + (neg_step_size * mi) / adam_denom(v_hat, inv_bc2_sqrt, eps)
+                    store_param(p, i, pi, p_fmt, seed)
+                    m_new[i - start], v_new[i - start], vmax_new[i - start] = mi, vi, v_hat
+                    m_mag = umax(m_mag, abs_bits(mi))
+                    v_mag = umax(v_mag, abs_bits(vi))
+                    vmax_mag = umax(vmax_mag, abs_bits(v_hat))
                 scale = set_scale(vmax_absmax, b, vmax_mag)
                 for i in range(start, end):
                     vmax_codes[i] = np.uint8(nearest_code(vmax_new[i - start] / scale, v_table))
                 fix_degenerate(vmax_codes, start, end, vmax_mag, v_zero)
+            else:
+                for i in range(start, end):
+                    pi, mi, vi = adam_element(
+                        load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
+                        m_codebook[m_codes[i]] * m_scale, v_codebook[v_codes[i]] * v_scale,
+                        decay, l2, beta1_weight, beta2, one_minus_beta2,
+                    )
+                    pi = pi + (neg_step_size * mi) / adam_denom(vi, inv_bc2_sqrt, eps)
+                    store_param(p, i, pi, p_fmt, seed)
+                    m_new[i - start], v_new[i - start] = mi, vi
+                    m_mag = umax(m_mag, abs_bits(mi))
+                    v_mag = umax(v_mag, abs_bits(vi))
             scale = set_scale(m_absmax, b, m_mag)
             for i in range(start, end):
                 m_codes[i] = np.uint8(nearest_code(m_new[i - start] / scale, m_table))
@@ -161,11 +208,11 @@ def rmsprop(
                 gi = fma(l2, pi, gi) if l2 != 0 else gi
                 sq = fma(one_minus_alpha * gi, gi, sq_codebook[sq_codes[i]] * sq_scale * alpha)
                 sq_new[i - start] = sq
-                sq_mag = max(sq_mag, abs_bits(sq))
+                sq_mag = umax(sq_mag, abs_bits(sq))
                 if centered:
                     ga = lerp(s_codebook[ga_codes[i]] * ga_scale, gi, one_minus_alpha)
                     ga_new[i - start] = ga
-                    ga_mag = max(ga_mag, abs_bits(ga))
+                    ga_mag = umax(ga_mag, abs_bits(ga))
                     var = fma(-ga, ga, sq)
                     avg = np.sqrt(np.float32(0.0) if var < 0 else var) + eps
                 else:
@@ -173,7 +220,7 @@ def rmsprop(
                 if use_momentum:
                     buf = s_codebook[buf_codes[i]] * buf_scale * momentum + gi / avg
                     buf_new[i - start] = buf
-                    buf_mag = max(buf_mag, abs_bits(buf))
+                    buf_mag = umax(buf_mag, abs_bits(buf))
                     pi = fma(neg_lr, buf, pi)
                 else:
                     pi = pi + (neg_lr * gi) / avg
@@ -217,7 +264,7 @@ def lion(
                 store_param(p, i, fma(neg_lr, sign, load(p, i, p_fmt) * decay), p_fmt, seed)
                 mi = fma(one_minus_beta2, gi, mi * beta2)
                 m_new[i - start] = mi
-                m_mag = max(m_mag, abs_bits(mi))
+                m_mag = umax(m_mag, abs_bits(mi))
             scale = set_scale(m_absmax, b, m_mag)
             for i in range(start, end):
                 m_codes[i] = np.uint8(nearest_code(m_new[i - start] / scale, m_table))

@@ -146,8 +146,10 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
         return CodeTable(None, zero_code, thresholds)
     inside = thresholds[np.minimum(lo, 255)].view(np.uint32) & np.uint32(0xFFFF)
     inside[k.size :] ^= np.uint32(0xFFFF)  # negative bins compare flipped low bits
-    low = np.where(hi > lo, inside, np.uint32(0xFFFF)).astype(np.uint32)
-    entries = (lo.astype(np.uint32) << np.uint32(16)) | low
+    # entry + low carries into bit 16 exactly when low > the threshold's low bits; a bin
+    # without a threshold never carries (low <= 0xFFFF)
+    below = np.where(hi > lo, np.uint32(0xFFFF) - inside, np.uint32(0)).astype(np.uint32)
+    entries = (lo.astype(np.uint32) << np.uint32(16)) + below
     # indexed by the top 16 bits of y: positive bins at k, negative ones at 0x8000 + k; the
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
     table = np.zeros(1 << 16, dtype=np.uint32)
