@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a file, python tests/benchmarks/run.py (
 
 from . import memory, report, steps, throughput  # noqa: E402
 from .contenders import BASELINE, all_contenders, select  # noqa: E402
+from .timing import keep_awake  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="fp32 values for the quantize / dequantize throughput (default 16M; "
                          "quick 4M)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--keep-awake", action=argparse.BooleanOptionalAction, default=True,
+                    help="while timing, keep the CPUs out of idle with a SCHED_IDLE busy loop per "
+                         "core (default on; see timing.keep_awake)")
     ap.add_argument("--time-limit", type=float,
                     help="seconds the run aims to stay within (default 540; quick 70): when the "
                          "step timings pass 65%% of it, the remaining sizes time only fast "
@@ -154,14 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     for c in contenders:
         if c.missing:
             _log(f"  {c.name}: {c.missing}")
-    results = _time_steps(args, contenders, started)
+    with keep_awake(args.keep_awake):
+        results = _time_steps(args, contenders, started)
+        _log(f"\nquantize / dequantize, {args.throughput_size:,} fp32 values, block 256")
+        through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=3,
+                                     budget_s=args.budget / 2, log=_log,
+                                     families={c.family for c in contenders})
     memory_numel = args.memory_size if args.memory_size in args.sizes else max(args.sizes)
     if 1 not in args.layouts:
         memory_numel = None
-    _log(f"\nquantize / dequantize, {args.throughput_size:,} fp32 values, block 256")
-    through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=3,
-                                 budget_s=args.budget / 2, log=_log,
-                                 families={c.family for c in contenders})
     peaks: list[memory.PeakMemory] = []
     if not args.no_memory and memory_numel:
         _log(f"\npeak process memory, {memory_numel:,} parameters, one subprocess per optimizer")

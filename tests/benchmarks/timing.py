@@ -1,8 +1,39 @@
-"""Interleaved repetition: the scheduling shared by the step and the throughput benchmarks."""
+"""Interleaved repetition, shared by the step and the throughput benchmarks, and keep_awake."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+
+# A busy loop that the kernel runs only when nothing else wants the core (SCHED_IDLE). If the
+# policy cannot be set, the child exits instead of competing at normal priority.
+_IDLE_SPIN = (
+    "import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
+)
+
+
+@contextlib.contextmanager
+def keep_awake(enabled: bool = True):
+    """Keep every CPU out of its idle state while timing, with one SCHED_IDLE busy loop per core.
+
+    Why: on some virtual machines (these among them, at times) a vCPU that went idle wakes only
+    at the next timer tick, so every multi-threaded operation that waits for a sleeping worker
+    takes a multiple of 4 ms, whatever its real cost. A SCHED_IDLE task never delays a normal
+    one (any normal task that becomes runnable preempts it), so it only removes those idle exits.
+    """
+    procs = []
+    if enabled and hasattr(os, "SCHED_IDLE"):
+        procs = [subprocess.Popen([sys.executable, "-c", _IDLE_SPIN])
+                 for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def reps_for(predicted_s: float, *, reps: int, min_reps: int, budget_s: float) -> int:

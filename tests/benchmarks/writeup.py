@@ -22,6 +22,7 @@ How it was measured (tests/benchmarks/, `make bench`):
   whose step would take more than {max_step_s:g} s at a size (predicted from the next smaller
   size; or its second step took twice that) is skipped there, which keeps the run under 10
   minutes on 2 cores.
+- **Idle CPUs**: {awake}
 - **Ratios** are to `{baseline}` in the same run and the same cell (lower is faster).
 - **State B/param**: bytes of all tensors in `optimizer.state` (each storage once; tensor
   subclasses such as torchao's are opened to their inner tensors) divided by the parameter count.
@@ -41,6 +42,16 @@ How it was measured (tests/benchmarks/, `make bench`):
 - torchao's `AdamW8bit` calls `torch.compile` inside `step()`; the "eager" row runs the same
   code under `torch.compiler.set_stance("force_eager")`.
 """
+
+
+AWAKE = {
+    True: "while timing, one busy loop per core at SCHED_IDLE priority (it runs only when "
+          "nothing else wants the core) keeps the CPUs out of idle: on these virtual machines an "
+          "idle vCPU at times wakes only at the next 4 ms timer tick, which turned every "
+          "multi-threaded step into a multiple of 4 ms (`--no-keep-awake` to measure without).",
+    False: "measured without the SCHED_IDLE busy loops (`--no-keep-awake`): on virtual machines "
+           "whose idle vCPUs wake at timer ticks, short multi-threaded steps are rounded up.",
+}
 
 
 def _short(entry: str) -> str:
@@ -94,7 +105,7 @@ def _method(info: dict) -> str:
     return _wrap_bullets(METHOD.format(
         budget=a.budget, min_reps=a.min_reps, reps=a.reps, min_steps=info["min_steps"],
         max_step_s=a.max_step_s, baseline=BASELINE, mem_steps=STEPS,
-        memory_size=f"{(info['memory_numel'] or 0):,}",
+        memory_size=f"{(info['memory_numel'] or 0):,}", awake=AWAKE[bool(a.keep_awake)],
     ) + late)
 
 
