@@ -6,7 +6,7 @@ start from the same seed and see the same batches; each runs in its own process 
 memory is its own. The script prints a table (optimizer state, peak memory, time per step, final
 loss) and writes both loss curves to demo_out/loss_curves.png.
 
-    python examples/demo.py                 # 2-3 minutes on a 2-core CPU; uses CUDA when present
+    python examples/demo.py                 # ~2 minutes on a 2-core CPU; uses CUDA when present
     python examples/demo.py --steps 100     # shorter
 """
 
@@ -194,8 +194,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--steps", type=int, default=600 if cuda else 200)
-    parser.add_argument("--width", type=int, default=4096 if cuda else 512)
+    parser.add_argument("--steps", type=int, default=600 if cuda else 1000)
+    parser.add_argument("--width", type=int, default=4096 if cuda else 2048)
     parser.add_argument("--batch", type=int, default=256 if cuda else 64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=ROOT / "demo_out")
