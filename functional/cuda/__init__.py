@@ -14,6 +14,10 @@ states (``state_bits=32``: parameters below ``min_8bit_size`` and fp32 param gro
 Bytes moved per fp32 parameter: Adam 16 (read p, g, m, v; write p, m, v), Lion and RMSprop 14,
 against 28 for torch's fused fp32 Adam (DESIGN.md, cost model).
 
+The argument lists are checked once, by those public rules (lengths, shapes, dtypes, the states
+a feature needs), before they dispatch here; the launcher adds its dtype/device/contiguity
+checks. Call the public rules rather than these functions.
+
 Kernels: ``adam.cu``, ``rmsprop.cu``, ``lion.cu`` with the driver ``eightbit_optim.cuh``,
 templated on the parameter and gradient types. This package does not import CuPy; the runtime
 of :mod:`eightbit.quant.cuda` does, on the first launch.
@@ -73,10 +77,6 @@ def adam8bit(
     bf16_stochastic_rounding: bool = False,
 ) -> None:
     """Adam / AdamW step of ``adam.cu``: the math of :func:`eightbit.functional.adam8bit_update`."""
-    if len(steps) != len(params):
-        raise ValueError(f"steps has {len(steps)} entries but there are {len(params)} parameters")
-    if amsgrad and max_exp_avg_sq_codes is None:
-        raise ValueError("amsgrad=True needs max_exp_avg_sq_codes and max_exp_avg_sq_absmax")
     launch(
         "adam_kernel",
         "adam.cu",
@@ -117,10 +117,6 @@ def rmsprop8bit(
     bf16_stochastic_rounding: bool = False,
 ) -> None:
     """RMSprop step of ``rmsprop.cu``: the math of ``eightbit.functional.rmsprop8bit_update``."""
-    if momentum != 0 and momentum_buffer_codes is None:
-        raise ValueError("momentum > 0 needs momentum_buffer_codes and momentum_buffer_absmax")
-    if centered and grad_avg_codes is None:
-        raise ValueError("centered=True needs grad_avg_codes and grad_avg_absmax")
     launch(
         "rmsprop_kernel",
         "rmsprop.cu",
@@ -190,10 +186,6 @@ def adam32bit(
 ) -> None:
     """The fp32-state Adam / AdamW step (``adam.cu``, ``state_bits=32``): the math of
     :func:`eightbit.functional.adam32bit_update` on float32 state tensors."""
-    if len(steps) != len(params):
-        raise ValueError(f"steps has {len(steps)} entries but there are {len(params)} parameters")
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     launch(
         "adam_kernel",
         "adam.cu",
@@ -227,10 +219,6 @@ def rmsprop32bit(
 ) -> None:
     """The fp32-state RMSprop step (``rmsprop.cu``, ``state_bits=32``): the math of
     :func:`eightbit.functional.rmsprop32bit_update` on float32 state tensors."""
-    if momentum != 0 and momentum_buffers is None:
-        raise ValueError("momentum > 0 needs momentum_buffers")
-    if centered and grad_avgs is None:
-        raise ValueError("centered=True needs grad_avgs")
     launch(
         "rmsprop_kernel",
         "rmsprop.cu",
