@@ -103,6 +103,16 @@ def create_codebook(name: str = "dynamic", *, signed: bool = True) -> torch.Tens
     return _BUILDERS[name](bool(signed))
 
 
+def _cache_key(name: str, signed: bool, device: torch.device | str) -> tuple:
+    """``(name, signed, device)`` checked and normalised (``"cuda"`` -> the current CUDA device)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown codebook {name!r}; choose one of {', '.join(CODEBOOK_NAMES)}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return name, bool(signed), device
+
+
 @functools.lru_cache(maxsize=64)
 def _cached(name: str, signed: bool, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
@@ -122,12 +132,7 @@ def get_codebook(
         >>> get_codebook("dynamic", signed=False)[0].item()
         0.0
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown codebook {name!r}; choose one of {', '.join(CODEBOOK_NAMES)}")
-    return _cached(name, bool(signed), device)
+    return _cached(*_cache_key(name, signed, device))
 
 
 def midpoints(codebook: torch.Tensor) -> torch.Tensor:
@@ -166,11 +171,7 @@ def get_midpoints(
     name: str = "dynamic", *, signed: bool = True, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """The cached :func:`midpoints` of ``get_codebook(name, signed=signed, device=device)``."""
-    get_codebook(name, signed=signed, device=device)  # validates the name
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _cached_midpoints(name, bool(signed), device)
+    return _cached_midpoints(*_cache_key(name, signed, device))
 
 
 def check_codebook(codebook: torch.Tensor, *, check_values: bool = True) -> None:
