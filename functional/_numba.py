@@ -24,8 +24,10 @@ from numba.extending import overload
 
 from ..quant._numba import (
     BF16,
+    MAX_TASKS,
     abs_bits,
     block_range,
+    dequantize_run,
     f32_bits,
     fix_degenerate,
     fma,
@@ -35,17 +37,9 @@ from ..quant._numba import (
     nearest_code,
     set_scale,
     store,
+    task_blocks,
     umax,
 )
-
-# Parallel tasks per call: each owns a contiguous run of blocks and one scratch buffer.
-MAX_TASKS = 64
-
-
-@helper
-def task_blocks(task, tasks, blocks):
-    """The blocks ``[first, last)`` of one parallel task."""
-    return task * blocks // tasks, (task + 1) * blocks // tasks
 
 
 def store_param(p, i, value, fmt, seed):
@@ -122,8 +116,8 @@ def adam_denom(v_hat, inv_bc2_sqrt, eps):
 
 @kernel
 def adam(
-    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_codebook, m_table, m_zero,
-    v_codes, v_absmax, v_codebook, v_table, v_zero, vmax_codes, vmax_absmax, amsgrad,
+    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_lut, m_table, m_zero,
+    v_codes, v_absmax, v_lut, v_table, v_zero, vmax_codes, vmax_absmax, amsgrad,
     decay, l2, beta1_weight, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step_size, g_sign,
     seed, block_size,
 ):  # fmt: skip
@@ -137,19 +131,20 @@ def adam(
         first, last = task_blocks(task, tasks, blocks)
         for b in range(first, last):
             start, end = block_range(b, block_size, n)
-            m_scale, v_scale = m_absmax[b], v_absmax[b]
+            dequantize_run(m_codes, start, end, m_lut, m_absmax[b], m_new)
+            dequantize_run(v_codes, start, end, v_lut, v_absmax[b], v_new)
             m_mag, v_mag, vmax_mag = uint32(0), uint32(0), uint32(0)
             # Two copies of the element loop, so that plain Adam neither reads nor keeps the
             # AMSGrad state (vmax_* alias v_* when it is off).
             if amsgrad:
-                vmax_scale = vmax_absmax[b]
+                dequantize_run(vmax_codes, start, end, v_lut, vmax_absmax[b], vmax_new)
                 for i in range(start, end):
                     pi, mi, vi = adam_element(
                         load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
-                        m_codebook[m_codes[i]] * m_scale, v_codebook[v_codes[i]] * v_scale,
+                        m_new[i - start], v_new[i - start],
                         decay, l2, beta1_weight, beta2, one_minus_beta2,
                     )
-                    v_hat = maximum(v_codebook[vmax_codes[i]] * vmax_scale, vi)
+                    v_hat = maximum(vmax_new[i - start], vi)
                     pi = pi + (neg_step_size * mi) / adam_denom(v_hat, inv_bc2_sqrt, eps)
                     store_param(p, i, pi, p_fmt, seed)
                     m_new[i - start], v_new[i - start], vmax_new[i - start] = mi, vi, v_hat
@@ -158,13 +153,13 @@ def adam(
                     vmax_mag = umax(vmax_mag, abs_bits(v_hat))
                 scale = set_scale(vmax_absmax, b, vmax_mag)
                 for i in range(start, end):
-                    vmax_codes[i] = np.uint8(nearest_code(vmax_new[i - start] / scale, v_table))
+                    vmax_codes[i] = nearest_code(vmax_new[i - start] / scale, v_table)
                 fix_degenerate(vmax_codes, start, end, vmax_mag, v_zero)
             else:
                 for i in range(start, end):
                     pi, mi, vi = adam_element(
                         load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
-                        m_codebook[m_codes[i]] * m_scale, v_codebook[v_codes[i]] * v_scale,
+                        m_new[i - start], v_new[i - start],
                         decay, l2, beta1_weight, beta2, one_minus_beta2,
                     )
                     pi = pi + (neg_step_size * mi) / adam_denom(vi, inv_bc2_sqrt, eps)
@@ -174,18 +169,18 @@ def adam(
                     v_mag = umax(v_mag, abs_bits(vi))
             scale = set_scale(m_absmax, b, m_mag)
             for i in range(start, end):
-                m_codes[i] = np.uint8(nearest_code(m_new[i - start] / scale, m_table))
+                m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
             fix_degenerate(m_codes, start, end, m_mag, m_zero)
             scale = set_scale(v_absmax, b, v_mag)
             for i in range(start, end):
-                v_codes[i] = np.uint8(nearest_code(v_new[i - start] / scale, v_table))
+                v_codes[i] = nearest_code(v_new[i - start] / scale, v_table)
             fix_degenerate(v_codes, start, end, v_mag, v_zero)
 
 
 @kernel
 def rmsprop(
-    p, p_fmt, g, g_fmt, sq_codes, sq_absmax, sq_codebook, sq_table, sq_zero,
-    buf_codes, buf_absmax, ga_codes, ga_absmax, s_codebook, s_table, s_zero, use_momentum,
+    p, p_fmt, g, g_fmt, sq_codes, sq_absmax, sq_lut, sq_table, sq_zero,
+    buf_codes, buf_absmax, ga_codes, ga_absmax, s_lut, s_table, s_zero, use_momentum,
     centered, l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, seed, block_size,
 ):  # fmt: skip
     # buf_* and ga_* are the momentum buffer and the centered gradient average (signed map);
@@ -200,17 +195,21 @@ def rmsprop(
         first, last = task_blocks(task, tasks, blocks)
         for b in range(first, last):
             start, end = block_range(b, block_size, n)
-            sq_scale, buf_scale, ga_scale = sq_absmax[b], buf_absmax[b], ga_absmax[b]
+            dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[b], sq_new)
+            if centered:
+                dequantize_run(ga_codes, start, end, s_lut, ga_absmax[b], ga_new)
+            if use_momentum:
+                dequantize_run(buf_codes, start, end, s_lut, buf_absmax[b], buf_new)
             sq_mag, buf_mag, ga_mag = uint32(0), uint32(0), uint32(0)
             for i in range(start, end):
                 pi = load(p, i, p_fmt)
                 gi = load(g, i, g_fmt) * g_sign
                 gi = fma(l2, pi, gi) if l2 != 0 else gi
-                sq = fma(one_minus_alpha * gi, gi, sq_codebook[sq_codes[i]] * sq_scale * alpha)
+                sq = fma(one_minus_alpha * gi, gi, sq_new[i - start] * alpha)
                 sq_new[i - start] = sq
                 sq_mag = umax(sq_mag, abs_bits(sq))
                 if centered:
-                    ga = lerp(s_codebook[ga_codes[i]] * ga_scale, gi, one_minus_alpha)
+                    ga = lerp(ga_new[i - start], gi, one_minus_alpha)
                     ga_new[i - start] = ga
                     ga_mag = umax(ga_mag, abs_bits(ga))
                     var = fma(-ga, ga, sq)
@@ -218,7 +217,7 @@ def rmsprop(
                 else:
                     avg = np.sqrt(sq) + eps
                 if use_momentum:
-                    buf = s_codebook[buf_codes[i]] * buf_scale * momentum + gi / avg
+                    buf = buf_new[i - start] * momentum + gi / avg
                     buf_new[i - start] = buf
                     buf_mag = umax(buf_mag, abs_bits(buf))
                     pi = fma(neg_lr, buf, pi)
@@ -227,23 +226,23 @@ def rmsprop(
                 store_param(p, i, pi, p_fmt, seed)
             scale = set_scale(sq_absmax, b, sq_mag)
             for i in range(start, end):
-                sq_codes[i] = np.uint8(nearest_code(sq_new[i - start] / scale, sq_table))
+                sq_codes[i] = nearest_code(sq_new[i - start] / scale, sq_table)
             fix_degenerate(sq_codes, start, end, sq_mag, sq_zero)
             if centered:
                 scale = set_scale(ga_absmax, b, ga_mag)
                 for i in range(start, end):
-                    ga_codes[i] = np.uint8(nearest_code(ga_new[i - start] / scale, s_table))
+                    ga_codes[i] = nearest_code(ga_new[i - start] / scale, s_table)
                 fix_degenerate(ga_codes, start, end, ga_mag, s_zero)
             if use_momentum:
                 scale = set_scale(buf_absmax, b, buf_mag)
                 for i in range(start, end):
-                    buf_codes[i] = np.uint8(nearest_code(buf_new[i - start] / scale, s_table))
+                    buf_codes[i] = nearest_code(buf_new[i - start] / scale, s_table)
                 fix_degenerate(buf_codes, start, end, buf_mag, s_zero)
 
 
 @kernel
 def lion(
-    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_codebook, m_table, m_zero,
+    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_lut, m_table, m_zero,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, seed, block_size,
 ):  # fmt: skip
     n = p.size
@@ -254,11 +253,11 @@ def lion(
         first, last = task_blocks(task, tasks, blocks)
         for b in range(first, last):
             start, end = block_range(b, block_size, n)
-            m_scale = m_absmax[b]
+            dequantize_run(m_codes, start, end, m_lut, m_absmax[b], m_new)
             m_mag = uint32(0)
             for i in range(start, end):
                 gi = load(g, i, g_fmt) * g_sign
-                mi = m_codebook[m_codes[i]] * m_scale
+                mi = m_new[i - start]
                 c = fma(one_minus_beta1, gi, mi * beta1)
                 sign = np.float32(np.float32(0.0) < c) - np.float32(c < np.float32(0.0))
                 store_param(p, i, fma(neg_lr, sign, load(p, i, p_fmt) * decay), p_fmt, seed)
@@ -267,5 +266,5 @@ def lion(
                 m_mag = umax(m_mag, abs_bits(mi))
             scale = set_scale(m_absmax, b, m_mag)
             for i in range(start, end):
-                m_codes[i] = np.uint8(nearest_code(m_new[i - start] / scale, m_table))
+                m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
             fix_degenerate(m_codes, start, end, m_mag, m_zero)

@@ -113,12 +113,15 @@ class CodeTable(NamedTuple):
 
     ``table`` is ``None`` when some bin would hold two thresholds (never for the codebooks of
     :func:`~eightbit.quant.create_codebook`); ``thresholds`` (ending with +inf) then serve a
-    linear search instead.
+    linear search instead. ``lut`` serves dequantization (:func:`eightbit.quant._numba.lookup64`):
+    512 float32 slots, the 256 codebook values and then their four byte planes (1,024 bytes:
+    byte k of value c at byte ``256 * k + c``).
     """
 
     table: np.ndarray | None
     zero_code: np.uint8
     thresholds: np.ndarray
+    lut: np.ndarray
 
 
 _NO_TABLE = np.zeros(0, dtype=np.uint32)
@@ -132,6 +135,9 @@ def code_table(codebook: torch.Tensor) -> CodeTable:
 @functools.lru_cache(maxsize=16)
 def _code_table(codebook_bytes: bytes) -> CodeTable:
     codebook = torch.from_numpy(np.frombuffer(codebook_bytes, dtype=np.float32).copy())
+    lut = np.empty(2 * codebook.numel(), dtype=np.float32)
+    lut[:256] = codebook.numpy()
+    lut[256:].view(np.uint8)[:] = codebook.numpy().view(np.uint8).reshape(256, 4).T.reshape(-1)
     mids = midpoints(codebook).numpy()
     thresholds = np.append(mids, np.float32(np.inf)).astype(np.float32)
     zero_code = np.uint8(np.searchsorted(mids, np.float32(0.0)))
@@ -143,7 +149,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     lo = np.concatenate([np.searchsorted(mids, smallest), np.searchsorted(mids, -largest)])
     hi = np.concatenate([np.searchsorted(mids, largest), np.searchsorted(mids, -smallest)])
     if (hi - lo).max() > 1:
-        return CodeTable(None, zero_code, thresholds)
+        return CodeTable(None, zero_code, thresholds, lut)
     inside = thresholds[np.minimum(lo, 255)].view(np.uint32) & np.uint32(0xFFFF)
     inside[k.size :] ^= np.uint32(0xFFFF)  # negative bins compare flipped low bits
     # entry + low carries into bit 16 exactly when low > the threshold's low bits; a bin
@@ -154,7 +160,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
     table = np.zeros(1 << 16, dtype=np.uint32)
     table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
-    return CodeTable(table, zero_code, thresholds)
+    return CodeTable(table, zero_code, thresholds, lut)
 
 
 def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
@@ -196,6 +202,9 @@ def dequantize(
 ) -> None:
     """Dequantize ``codes`` into the contiguous ``out`` (any float dtype), as the torch path."""
     values, fmt = as_array(out)
-    kernels().dequantize(
-        codes.reshape(-1).numpy(), absmax.numpy(), codebook.numpy(), values, fmt, block_size
-    )
+    k, lut = kernels(), code_table(codebook).lut
+    flat_codes, flat_absmax = codes.reshape(-1).numpy(), absmax.numpy()
+    if fmt == k.F32:
+        k.dequantize_f32(flat_codes, flat_absmax, lut, values, block_size)
+    else:
+        k.dequantize(flat_codes, flat_absmax, lut, values, fmt, block_size)

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .timing import interleaved
+from .timing import interleaved, keep_awake
 
 M = 1 << 20
 BLOCK = 256
@@ -139,8 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--numel", type=_numel, default=16 * M)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-compile", action="store_true", help="skip the first-use timings")
+    ap.add_argument("--no-keep-awake", action="store_true",
+                    help="let idle CPUs sleep while timing (see timing.keep_awake)")
     args = ap.parse_args(argv)
+    with keep_awake(not args.no_keep_awake):
+        _report(args)
 
+
+def _report(args: argparse.Namespace) -> None:
     from eightbit.quant import _native
 
     print(f"CPU path: {_native.describe()}; torch threads: {torch.get_num_threads()}")
