@@ -70,7 +70,7 @@ def adam(
     weight_decay, decoupled_weight_decay, maximize, block_size, bf16_stochastic_rounding,
 ) -> None:
     """Fused 8-bit Adam/AdamW on CPU parameters (the torch path's ``_adam_torch`` contract)."""
-    kernel = _kernels().adam
+    kernels = _kernels()
     lr = _chunked.scalar(lr)
     decoupled = weight_decay != 0 and decoupled_weight_decay
     decay = _f32(1 - lr * weight_decay if decoupled else 1.0)
@@ -78,11 +78,12 @@ def adam(
     items = _each(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
     for p, work, p_array, p_fmt, g_array, g_fmt, m, v, v_max, step_t in items:
         step = _chunked.scalar(step_t)
-        v_state = _state(v)
-        vmax_codes, vmax_absmax = _state(v_max)[:2] if v_max is not None else v_state[:2]
+        # AMSGrad's kernel takes the running maximum's codes and absmax after v's state
+        kernel, extra = (kernels.adam, ()) if v_max is None else (
+            kernels.adam_amsgrad, _state(v_max)[:2])
         kernel(
-            p_array, p_fmt, g_array, g_fmt, *_state(m), *v_state, vmax_codes, vmax_absmax,
-            v_max is not None, decay, l2, _f32(1 - beta1), _f32(beta2), _f32(1 - beta2),
+            p_array, p_fmt, g_array, g_fmt, *_state(m), *_state(v), *extra,
+            decay, l2, _f32(1 - beta1), _f32(beta2), _f32(1 - beta2),
             # 1 / bias_correction2_sqrt rounded once (fp32 division): the kernel multiplies
             _f32(1) / _f32((1 - beta2**step) ** 0.5), _f32(eps), _f32(-lr / (1 - beta1**step)),
             _f32(-1.0 if maximize else 1.0), _seed(p, bf16_stochastic_rounding), block_size,

@@ -124,9 +124,6 @@ class CodeTable(NamedTuple):
     lut: np.ndarray
 
 
-_NO_TABLE = np.zeros(0, dtype=np.uint32)
-
-
 def code_table(codebook: torch.Tensor) -> CodeTable:
     """The (cached) nearest-code table of a CPU float32 codebook."""
     return _code_table(codebook.numpy().tobytes())
@@ -189,8 +186,10 @@ def quantize(
     values, fmt = as_array(x.contiguous())  # a non-contiguous x is copied, as the torch path does
     flat_codes, flat_absmax = codes.view(-1).numpy(), absmax.numpy()
     t = code_table(codebook)
-    table = _NO_TABLE if t.table is None else t.table
-    k.quantize(values, fmt, flat_codes, flat_absmax, table, t.thresholds, t.zero_code, block_size)
+    if t.table is None:
+        k.quantize_scan(values, fmt, flat_codes, flat_absmax, t.thresholds, t.zero_code, block_size)
+    else:
+        k.quantize(values, fmt, flat_codes, flat_absmax, t.table, t.zero_code, block_size)
 
 
 def dequantize(

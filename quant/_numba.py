@@ -459,9 +459,7 @@ def scan_code(y, thresholds):
 
 
 @kernel
-def quantize(x, fmt, codes, absmax, table, thresholds, zero_code, block_size):
-    # ``table`` is empty when the codebook needs the linear search.
-    #
+def quantize(x, fmt, codes, absmax, table, zero_code, block_size):
     # Each task walks its blocks in order and computes the absmax of the next block in the same
     # loop that encodes this one, so that the next block's reads from memory overlap this
     # block's table lookups (the lookups, not memory, limit the encoding loop): 15% faster
@@ -482,20 +480,31 @@ def quantize(x, fmt, codes, absmax, table, thresholds, zero_code, block_size):
             # (past the task's last block: another task's first block, or empty past the end)
             ahead, ahead_end = block_range(b + 1, block_size, n)
             next_mag = uint32(0)
-            if table.size and ahead_end - ahead == end - start:
+            if ahead_end - ahead == end - start:
                 for i in range(start, end):
                     next_mag = umax(next_mag, abs_bits(load(x, ahead + (i - start), fmt)))
                     codes[i] = nearest_code(load(x, i, fmt) / scale, table)
-            else:  # the linear search, or the next block is the ragged last one or none
-                if table.size:
-                    for i in range(start, end):
-                        codes[i] = nearest_code(load(x, i, fmt) / scale, table)
-                else:
-                    for i in range(start, end):
-                        codes[i] = np.uint8(scan_code(load(x, i, fmt) / scale, thresholds))
+            else:  # the next block is the ragged last one, or none
+                for i in range(start, end):
+                    codes[i] = nearest_code(load(x, i, fmt) / scale, table)
                 for i in range(ahead, ahead_end):
                     next_mag = umax(next_mag, abs_bits(load(x, i, fmt)))
             fix_degenerate(codes, start, end, mag, zero_code)
+
+
+@kernel
+def quantize_scan(x, fmt, codes, absmax, thresholds, zero_code, block_size):
+    # For codebooks without a nearest-code table (:func:`scan_code`); never the built-in ones.
+    n = x.size
+    for b in prange(absmax.size):
+        start, end = block_range(b, block_size, n)
+        mag = uint32(0)
+        for i in range(start, end):
+            mag = umax(mag, abs_bits(load(x, i, fmt)))
+        scale = set_scale(absmax, b, mag)
+        for i in range(start, end):
+            codes[i] = np.uint8(scan_code(load(x, i, fmt) / scale, thresholds))
+        fix_degenerate(codes, start, end, mag, zero_code)
 
 
 @kernel
