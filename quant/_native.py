@@ -80,7 +80,8 @@ def describe() -> str:
 
     Example:
         >>> describe()  # doctest: +SKIP
-        'numba 0.68.1 (fused, 2 threads, cache: /root/.cache/eightbit/numba/0.1.0-3f2a9c0d1e4b)'
+        'numba 0.68.1 (fused, 2 threads, threading layer omp, codebook lookups by AVX-512 VBMI
+        byte permutes, cache: /root/.cache/eightbit/numba/0.1.0-3f2a9c0d1e4b)'
     """
     if _choice() == "torch":
         return f"torch path ({ENV}=torch)"
@@ -104,7 +105,8 @@ def describe() -> str:
         layer = numba.config.THREADING_LAYER
     return (
         f"numba {numba.__version__} (fused, {numba.get_num_threads()} threads, "
-        f"threading layer {layer}, cache: {module.cache_dir()})"
+        f"threading layer {layer}, codebook lookups by {module.lookup_method()}, "
+        f"cache: {module.cache_dir()})"
     )
 
 

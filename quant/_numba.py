@@ -315,6 +315,15 @@ def has_vbmi(context) -> bool:
     return all(f"+{f}" in features for f in ("avx512f", "avx512bw", "avx512vbmi"))
 
 
+def lookup_method() -> str:
+    """How :func:`lookup64` reads the codebook on this machine, in words."""
+    from numba.core.registry import cpu_target
+
+    if has_vbmi(cpu_target.target_context):
+        return "AVX-512 VBMI byte permutes"
+    return "scalar loads (no AVX-512 VBMI)"
+
+
 def _splat(builder, value, n):
     undef = ir.Constant(_vector(value.type, n), ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(_I32, 0))

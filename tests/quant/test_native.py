@@ -9,6 +9,7 @@ and blocks of zeros, inf and NaN.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -299,3 +300,72 @@ def test_table_is_exact_for_every_bin_of_the_dynamic_map():
             y_low = (bits ^ np.where(sign, 0xFFFF, 0)) & 0xFFFF
             code = (entry + y_low) >> 16  # the carry into bit 16 counts the one inside
             assert np.array_equal(code, np.searchsorted(mids, y))
+
+
+@pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
+def test_dequantize_reads_every_code_of_every_codebook_exactly(name, signed):
+    # 64 codes per lookup (lookup64), then a ragged rest one by one: every code, in both halves
+    # of the byte-plane tables, against brute force, with scales 0, NaN, inf and subnormal.
+    codebook = create_codebook(name, signed=signed)
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(8)]).to(torch.uint8)
+    scales = torch.tensor([1.0, 0.0, float("nan"), float("inf"), 1e-40, -3.5, 7e30, 0.123])
+    for n in (2048, 2047, 1985, 64, 63, 1):
+        absmax = scales.repeat_interleave(256)[:n:64].contiguous()
+        ours = torch.empty(n)
+        _native.dequantize(codes[:n], absmax, codebook, 64, ours)
+        expected = codebook[codes[:n].long()] * absmax.repeat_interleave(64)[:n]
+        assert torch.equal(ours.isnan(), expected.isnan())
+        assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
+
+
+_FALLBACK = """
+    import sys, torch
+    from numba.core.registry import cpu_target
+    from eightbit.quant import _numba, _native, create_codebook
+    from eightbit.optim import Adam8bit, Lion8bit, RMSprop8bit
+    assert not _numba.has_vbmi(cpu_target.target_context), "the override did not take"
+    out = {"describe": _native.describe()}
+    codebook = create_codebook("dynamic", signed=True)
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand(20, generator=gen)
+    out["dequantized"] = torch.empty(5000)
+    _native.dequantize(codes, absmax, codebook, 256, out["dequantized"])
+    for cls in (Adam8bit, Lion8bit, RMSprop8bit):
+        p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+        opt = cls([p], lr=1e-2)
+        for _ in range(3):
+            p.grad = torch.randn(5000, generator=gen)
+            opt.step()
+        out[cls.__name__] = (p.detach(), {k: v for k, v in opt.state[p].items()})
+    torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU names")
+def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
+    # numba compiles for the CPU that NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name (an AVX2 one
+    # here), and keys its cache by it: the child takes lookup64's fallback. Its results must be
+    # bit-identical to this process's (VBMI where the host has it) for the same inputs.
+    result = tmp_path / "fallback.pt"
+    env = {"NUMBA_CPU_NAME": "haswell",
+           "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2",
+           "EIGHTBIT_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": ""}
+    subprocess.run([sys.executable, "-c", textwrap.dedent(_FALLBACK), str(result)],
+                   env={**os.environ, **env}, check=True, timeout=600)
+    theirs = torch.load(result, weights_only=True)
+    assert "scalar loads" in theirs["describe"]
+    local = tmp_path / "local.pt"
+    subprocess.run([sys.executable, "-c", textwrap.dedent(_FALLBACK.replace(
+        '    assert not _numba.has_vbmi(cpu_target.target_context), "the override did not take"\n',
+        "")), str(local)], env={**os.environ, "NUMBA_CACHE_DIR": ""}, check=True, timeout=600)
+    ours = torch.load(local, weights_only=True)
+    assert torch.equal(ours["dequantized"], theirs["dequantized"])
+    for name in ("Adam8bit", "Lion8bit", "RMSprop8bit"):
+        (p1, s1), (p2, s2) = ours[name], theirs[name]
+        assert torch.equal(p1, p2), name
+        assert s1.keys() == s2.keys()
+        for key in s1:
+            assert torch.equal(s1[key], s2[key]), (name, key)
