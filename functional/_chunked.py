@@ -51,6 +51,7 @@ def quantized_states(
         return [None] * len(params)
     check_len(codes, params, f"{name}_codes")
     check_len(absmax, params, f"{name}_absmax")
+    maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # looked up once per device
     out = []
     for p, c, a in zip(params, codes, absmax, strict=True):
         if c.dtype != torch.uint8 or c.shape != p.shape or not c.is_contiguous():
@@ -69,10 +70,10 @@ def quantized_states(
                 f"{name} state is on {c.device}/{a.device} but the parameter is on {p.device}; "
                 "move the optimizer state to the parameter's device"
             )
-        out.append(Quantized(
-            c, a, get_codebook("dynamic", signed=signed, device=p.device),
-            get_midpoints("dynamic", signed=signed, device=p.device),
-        ))
+        if p.device not in maps:
+            maps[p.device] = (get_codebook("dynamic", signed=signed, device=p.device),
+                              get_midpoints("dynamic", signed=signed, device=p.device))
+        out.append(Quantized(c, a, *maps[p.device]))
     return out
 
 

@@ -10,6 +10,8 @@ exactly as torch rounds Python scalars, so the kernels compute what the torch pa
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -53,16 +55,74 @@ def _seed(p: torch.Tensor, stochastic: bool) -> int:
     return int(torch.randint(1, 2**62, ()))
 
 
-def _each(params, grads, *states):
-    """Per non-empty parameter: ``(param, contiguous work tensor, param array, fmt, grad array,
-    grad fmt, *states)``; the caller copies ``work`` back when it is not ``param``."""
-    for p, g, *rest in zip(params, grads, *states, strict=True):
+class _Batch(NamedTuple):
+    """The parameters of one kernel call (one parameter dtype and one gradient dtype)."""
+
+    like: tuple  # (p_like, p_fmt, g_like, g_fmt): empty arrays of the kernel's element types
+    rows: list  # the tensor table's rows (see functional._numba.P ... STATES)
+    blocks: list  # blocks per parameter
+    extras: list  # per-parameter fp32 values the kernel reads (Adam's bias corrections)
+    copies: list  # (parameter, contiguous copy updated in its place)
+    alive: list  # every tensor whose address is in the table
+
+
+def _batches(params, grads, states, extras, *, block_size, stochastic):
+    """Group the non-empty parameters for the kernels, by (parameter dtype, gradient dtype).
+
+    ``states``: per state, a list of Quantized (or None where the state is off) per parameter;
+    ``extras``: a tuple of floats per parameter, or None. Yields the kernels' first arguments,
+    ``(tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt)``, and the batch.
+    """
+    batches: dict[tuple, _Batch] = {}
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if p.numel() == 0:
             continue
         work = p if p.is_contiguous() else p.contiguous()
-        p_array, p_fmt = quant_native.as_array(work)
-        g_array, g_fmt = quant_native.as_array(g.contiguous())
-        yield (p, work, p_array, p_fmt, g_array, g_fmt, *rest)
+        g = g.contiguous()
+        batch = batches.get((work.dtype, g.dtype))
+        if batch is None:
+            like = (*quant_native.as_array(work[:0]), *quant_native.as_array(g[:0]))
+            batch = batches[work.dtype, g.dtype] = _Batch(like, [], [], [], [], [])
+        row = [work.data_ptr(), g.data_ptr(), work.numel(), _seed(p, stochastic)]
+        for state in states:
+            q = state[i]
+            row += [q.codes.data_ptr(), q.absmax.data_ptr()] if q is not None else [0, 0]
+            batch.alive.append(q)
+        batch.rows.append(row)
+        batch.blocks.append(-(-work.numel() // block_size))
+        batch.extras.append(extras[i] if extras is not None else ())
+        batch.alive.extend((work, g))
+        if work is not p:
+            batch.copies.append((p, work))
+    for batch in batches.values():
+        block_starts = np.zeros(len(batch.blocks) + 1, dtype=np.int64)
+        np.cumsum(batch.blocks, out=block_starts[1:])
+        tensors = np.array(batch.rows, dtype=np.int64)
+        per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1)
+        yield (tensors, block_starts, per_tensor, *batch.like), batch
+
+
+def _tables(states):
+    """``(lut, table, zero_code)`` of each state list's codebook (one per list: the rules use
+    the cached dynamic maps); ``None`` for a list that is off."""
+    out = []
+    for state in states:
+        q = next((q for q in state if q is not None), None)
+        if q is None:
+            out.append(None)
+            continue
+        if any(s is not None and s.codebook is not q.codebook for s in state):
+            raise ValueError("the fused CPU kernels need one codebook per state list")
+        t = quant_native.code_table(q.codebook)
+        if t.table is None:  # not for the dynamic maps the rules use
+            raise ValueError("the fused CPU kernels need a codebook with one threshold per bin")
+        out.append((t.lut, t.table, t.zero_code))
+    return out
+
+
+def _copy_back(batch: _Batch) -> None:
+    for p, work in batch.copies:
+        p.copy_(work)
 
 
 def adam(
@@ -73,23 +133,27 @@ def adam(
     kernels = _kernels()
     lr = _chunked.scalar(lr)
     decoupled = weight_decay != 0 and decoupled_weight_decay
-    decay = _f32(1 - lr * weight_decay if decoupled else 1.0)
-    l2 = _f32(weight_decay if not decoupled else 0.0)
-    items = _each(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-    for p, work, p_array, p_fmt, g_array, g_fmt, m, v, v_max, step_t in items:
+    amsgrad = any(v is not None for v in max_exp_avg_sqs)
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    (m_lut, m_table, m_zero), (v_lut, v_table, v_zero) = _tables(states[:2])
+    corrections = {}
+    for step_t in steps:
         step = _chunked.scalar(step_t)
-        # AMSGrad's kernel takes the running maximum's codes and absmax after v's state
-        kernel, extra = (kernels.adam, ()) if v_max is None else (
-            kernels.adam_amsgrad, _state(v_max)[:2])
-        kernel(
-            p_array, p_fmt, g_array, g_fmt, *_state(m), *_state(v), *extra,
-            decay, l2, _f32(1 - beta1), _f32(beta2), _f32(1 - beta2),
+        if step not in corrections:
             # 1 / bias_correction2_sqrt rounded once (fp32 division): the kernel multiplies
-            _f32(1) / _f32((1 - beta2**step) ** 0.5), _f32(eps), _f32(-lr / (1 - beta1**step)),
-            _f32(-1.0 if maximize else 1.0), _seed(p, bf16_stochastic_rounding), block_size,
+            corrections[step] = (_f32(1) / _f32((1 - beta2**step) ** 0.5),
+                                 _f32(-lr / (1 - beta1**step)))
+    extras = [corrections[_chunked.scalar(s)] for s in steps]
+    kernel = kernels.adam_amsgrad if amsgrad else kernels.adam
+    for first, batch in _batches(params, grads, states, extras, block_size=block_size,
+                                 stochastic=bf16_stochastic_rounding):
+        kernel(
+            *first, m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+            _f32(1 - lr * weight_decay if decoupled else 1.0),
+            _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
+            _f32(1 - beta2), _f32(eps), _f32(-1.0 if maximize else 1.0), block_size,
         )
-        if work is not p:
-            p.copy_(work)
+        _copy_back(batch)
 
 
 def rmsprop(
@@ -99,23 +163,19 @@ def rmsprop(
     """Fused 8-bit RMSprop on CPU parameters (the torch path's ``_rmsprop_torch`` contract)."""
     kernel = _kernels().rmsprop
     lr = _chunked.scalar(lr)
-    items = _each(params, grads, square_avgs, momentum_buffers, grad_avgs)
-    for p, work, p_array, p_fmt, g_array, g_fmt, square_avg, buf, grad_avg in items:
-        sq_state = _state(square_avg)
-        buf_state = _state(buf) if buf is not None else None
-        ga_state = _state(grad_avg) if grad_avg is not None else None
-        # A state that is off gets another state's arrays as placeholders; the kernel never
-        # touches them (its flags say so).
-        signed = buf_state or ga_state or sq_state
+    states = [square_avgs, momentum_buffers, grad_avgs]
+    sq, buf, ga = _tables(states)
+    signed = buf or ga or sq  # an unused placeholder when neither signed state is on
+    use_momentum = any(b is not None for b in momentum_buffers)
+    centered = any(a is not None for a in grad_avgs)
+    for first, batch in _batches(params, grads, states, None, block_size=block_size,
+                                 stochastic=bf16_stochastic_rounding):
         kernel(
-            p_array, p_fmt, g_array, g_fmt, *sq_state, *(buf_state or signed)[:2],
-            *(ga_state or signed)[:2], *signed[2:], buf is not None,
-            grad_avg is not None, _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps),
-            _f32(momentum), _f32(-lr), _f32(-1.0 if maximize else 1.0),
-            _seed(p, bf16_stochastic_rounding), block_size,
+            *first, *sq, *signed, use_momentum,
+            centered, _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps),
+            _f32(momentum), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
         )
-        if work is not p:
-            p.copy_(work)
+        _copy_back(batch)
 
 
 def lion(
@@ -125,12 +185,12 @@ def lion(
     """Fused 8-bit Lion on CPU parameters (the torch path's ``_lion_torch`` contract)."""
     kernel = _kernels().lion
     lr = _chunked.scalar(lr)
-    decay = _f32(1 - lr * weight_decay)
-    for p, work, p_array, p_fmt, g_array, g_fmt, m in _each(params, grads, exp_avgs):
+    (m,) = _tables([exp_avgs])
+    for first, batch in _batches(params, grads, [exp_avgs], None, block_size=block_size,
+                                 stochastic=bf16_stochastic_rounding):
         kernel(
-            p_array, p_fmt, g_array, g_fmt, *_state(m), decay, _f32(beta1), _f32(1 - beta1),
-            _f32(beta2), _f32(1 - beta2), _f32(-lr), _f32(-1.0 if maximize else 1.0),
-            _seed(p, bf16_stochastic_rounding), block_size,
+            *first, *m,
+            _f32(1 - lr * weight_decay), _f32(beta1), _f32(1 - beta1), _f32(beta2),
+            _f32(1 - beta2), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
         )
-        if work is not p:
-            p.copy_(work)
+        _copy_back(batch)

@@ -39,6 +39,7 @@ from ..quant._numba import (
     store,
     task_blocks,
     umax,
+    view,
 )
 
 
@@ -114,26 +115,66 @@ def adam_denom(v_hat, inv_bc2_sqrt, eps):
     return fma(np.sqrt(v_hat), inv_bc2_sqrt, eps)
 
 
+# -- The tensor table ----------------------------------------------------------------------
+#
+# Every kernel updates any number of parameters in one call (one parallel region): a table has
+# one int64 row per parameter, its columns below; state k's codes and absmax addresses are at
+# STATES + 2k and STATES + 2k + 1 (0 for a state that is off). ``block_starts[t]`` is the
+# first block of parameter t in the concatenation of all parameters' blocks (its last entry the
+# total), and the tasks split that concatenation, so many small parameters cost one call.
+P, G, NUMEL, SEED, STATES = 0, 1, 2, 3, 4
+
+
+@helper
+def locate(b, tensor, block_starts):
+    """The parameter holding block ``b`` of the concatenation, searching on from ``tensor``."""
+    while b >= block_starts[tensor + 1]:
+        tensor += 1
+    return tensor
+
+
+@helper
+def codes_of(tensors, t, k, n):
+    """State ``k``'s codes, of parameter ``t`` (``n`` elements)."""
+    return view(tensors[t, STATES + 2 * k], n, np.uint8)
+
+
+@helper
+def absmax_of(tensors, t, k, n, block_size):
+    """State ``k``'s absmax, one per block of parameter ``t``. (A helper returning both arrays as
+    a tuple, like a row view, kept the requantization loops from vectorizing.)"""
+    return view(tensors[t, STATES + 2 * k + 1], (n + block_size - 1) // block_size, np.float32)
+
+
 @kernel
 def adam(
-    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_lut, m_table, m_zero,
-    v_codes, v_absmax, v_lut, v_table, v_zero,
-    decay, l2, beta1_weight, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step_size, g_sign,
-    seed, block_size,
+    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt,
+    m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+    decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
+    # States: m, v. per_tensor[t] = (1 / bias_correction2_sqrt, -lr / bias_correction1).
     # AMSGrad is the separate kernel below: one kernel with both element loops took 0.5 s
     # longer to compile on first use, and the loops must sit in the kernels to vectorize.
-    n = p.size
-    blocks = m_absmax.size
+    blocks = block_starts[-1]
     tasks = min(blocks, MAX_TASKS)
     for task in prange(tasks):
         m_new = np.empty(block_size, np.float32)
         v_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
+        t = locate(first, 0, block_starts)
         for b in range(first, last):
-            start, end = block_range(b, block_size, n)
-            dequantize_run(m_codes, start, end, m_lut, m_absmax[b], m_new)
-            dequantize_run(v_codes, start, end, v_lut, v_absmax[b], v_new)
+            t = locate(b, t, block_starts)
+            n = tensors[t, NUMEL]
+            p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
+            m_codes = codes_of(tensors, t, 0, n)
+            m_absmax = absmax_of(tensors, t, 0, n, block_size)
+            v_codes = codes_of(tensors, t, 1, n)
+            v_absmax = absmax_of(tensors, t, 1, n, block_size)
+            inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
+            seed, lb = tensors[t, SEED], b - block_starts[t]
+            start, end = block_range(lb, block_size, n)
+            dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
+            dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
             m_mag, v_mag = uint32(0), uint32(0)
             for i in range(start, end):
                 pi, mi, vi = adam_element(
@@ -146,11 +187,11 @@ def adam(
                 m_new[i - start], v_new[i - start] = mi, vi
                 m_mag = umax(m_mag, abs_bits(mi))
                 v_mag = umax(v_mag, abs_bits(vi))
-            scale = set_scale(m_absmax, b, m_mag)
+            scale = set_scale(m_absmax, lb, m_mag)
             for i in range(start, end):
                 m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
             fix_degenerate(m_codes, start, end, m_mag, m_zero)
-            scale = set_scale(v_absmax, b, v_mag)
+            scale = set_scale(v_absmax, lb, v_mag)
             for i in range(start, end):
                 v_codes[i] = nearest_code(v_new[i - start] / scale, v_table)
             fix_degenerate(v_codes, start, end, v_mag, v_zero)
@@ -158,25 +199,35 @@ def adam(
 
 @kernel
 def adam_amsgrad(
-    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_lut, m_table, m_zero,
-    v_codes, v_absmax, v_lut, v_table, v_zero, vmax_codes, vmax_absmax,
-    decay, l2, beta1_weight, beta2, one_minus_beta2, inv_bc2_sqrt, eps, neg_step_size, g_sign,
-    seed, block_size,
+    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt,
+    m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+    decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
-    # :func:`adam` with the running maximum of v (same map as v) in the denominator.
-    n = p.size
-    blocks = m_absmax.size
+    # :func:`adam` with a third state, the running maximum of v (v's map), in the denominator.
+    blocks = block_starts[-1]
     tasks = min(blocks, MAX_TASKS)
     for task in prange(tasks):
         m_new = np.empty(block_size, np.float32)
         v_new = np.empty(block_size, np.float32)
         vmax_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
+        t = locate(first, 0, block_starts)
         for b in range(first, last):
-            start, end = block_range(b, block_size, n)
-            dequantize_run(m_codes, start, end, m_lut, m_absmax[b], m_new)
-            dequantize_run(v_codes, start, end, v_lut, v_absmax[b], v_new)
-            dequantize_run(vmax_codes, start, end, v_lut, vmax_absmax[b], vmax_new)
+            t = locate(b, t, block_starts)
+            n = tensors[t, NUMEL]
+            p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
+            m_codes = codes_of(tensors, t, 0, n)
+            m_absmax = absmax_of(tensors, t, 0, n, block_size)
+            v_codes = codes_of(tensors, t, 1, n)
+            v_absmax = absmax_of(tensors, t, 1, n, block_size)
+            vmax_codes = codes_of(tensors, t, 2, n)
+            vmax_absmax = absmax_of(tensors, t, 2, n, block_size)
+            inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
+            seed, lb = tensors[t, SEED], b - block_starts[t]
+            start, end = block_range(lb, block_size, n)
+            dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
+            dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
+            dequantize_run(vmax_codes, start, end, v_lut, vmax_absmax[lb], vmax_new)
             m_mag, v_mag, vmax_mag = uint32(0), uint32(0), uint32(0)
             for i in range(start, end):
                 pi, mi, vi = adam_element(
@@ -191,15 +242,15 @@ def adam_amsgrad(
                 m_mag = umax(m_mag, abs_bits(mi))
                 v_mag = umax(v_mag, abs_bits(vi))
                 vmax_mag = umax(vmax_mag, abs_bits(v_hat))
-            scale = set_scale(m_absmax, b, m_mag)
+            scale = set_scale(m_absmax, lb, m_mag)
             for i in range(start, end):
                 m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
             fix_degenerate(m_codes, start, end, m_mag, m_zero)
-            scale = set_scale(v_absmax, b, v_mag)
+            scale = set_scale(v_absmax, lb, v_mag)
             for i in range(start, end):
                 v_codes[i] = nearest_code(v_new[i - start] / scale, v_table)
             fix_degenerate(v_codes, start, end, v_mag, v_zero)
-            scale = set_scale(vmax_absmax, b, vmax_mag)
+            scale = set_scale(vmax_absmax, lb, vmax_mag)
             for i in range(start, end):
                 vmax_codes[i] = nearest_code(vmax_new[i - start] / scale, v_table)
             fix_degenerate(vmax_codes, start, end, vmax_mag, v_zero)
@@ -207,27 +258,37 @@ def adam_amsgrad(
 
 @kernel
 def rmsprop(
-    p, p_fmt, g, g_fmt, sq_codes, sq_absmax, sq_lut, sq_table, sq_zero,
-    buf_codes, buf_absmax, ga_codes, ga_absmax, s_lut, s_table, s_zero, use_momentum,
-    centered, l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, seed, block_size,
+    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt, sq_lut, sq_table, sq_zero,
+    s_lut, s_table, s_zero, use_momentum, centered,
+    l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, block_size,
 ):  # fmt: skip
-    # buf_* and ga_* are the momentum buffer and the centered gradient average (signed map);
-    # when a feature is off its arrays alias the other signed state or square_avg (never written).
-    n = p.size
-    blocks = sq_absmax.size
+    # States: square_avg (unsigned map), momentum_buffer and grad_avg (signed map, ``s_``),
+    # the last two only when ``use_momentum`` / ``centered`` (their addresses are 0 otherwise).
+    blocks = block_starts[-1]
     tasks = min(blocks, MAX_TASKS)
     for task in prange(tasks):
         sq_new = np.empty(block_size, np.float32)
         buf_new = np.empty(block_size, np.float32)
         ga_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
+        t = locate(first, 0, block_starts)
         for b in range(first, last):
-            start, end = block_range(b, block_size, n)
-            dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[b], sq_new)
+            t = locate(b, t, block_starts)
+            n = tensors[t, NUMEL]
+            p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
+            sq_codes = codes_of(tensors, t, 0, n)
+            sq_absmax = absmax_of(tensors, t, 0, n, block_size)
+            buf_codes = codes_of(tensors, t, 1, n)
+            buf_absmax = absmax_of(tensors, t, 1, n, block_size)
+            ga_codes = codes_of(tensors, t, 2, n)
+            ga_absmax = absmax_of(tensors, t, 2, n, block_size)
+            seed, lb = tensors[t, SEED], b - block_starts[t]
+            start, end = block_range(lb, block_size, n)
+            dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[lb], sq_new)
             if centered:
-                dequantize_run(ga_codes, start, end, s_lut, ga_absmax[b], ga_new)
+                dequantize_run(ga_codes, start, end, s_lut, ga_absmax[lb], ga_new)
             if use_momentum:
-                dequantize_run(buf_codes, start, end, s_lut, buf_absmax[b], buf_new)
+                dequantize_run(buf_codes, start, end, s_lut, buf_absmax[lb], buf_new)
             sq_mag, buf_mag, ga_mag = uint32(0), uint32(0), uint32(0)
             for i in range(start, end):
                 pi = load(p, i, p_fmt)
@@ -252,17 +313,17 @@ def rmsprop(
                 else:
                     pi = pi + (neg_lr * gi) / avg
                 store_param(p, i, pi, p_fmt, seed)
-            scale = set_scale(sq_absmax, b, sq_mag)
+            scale = set_scale(sq_absmax, lb, sq_mag)
             for i in range(start, end):
                 sq_codes[i] = nearest_code(sq_new[i - start] / scale, sq_table)
             fix_degenerate(sq_codes, start, end, sq_mag, sq_zero)
             if centered:
-                scale = set_scale(ga_absmax, b, ga_mag)
+                scale = set_scale(ga_absmax, lb, ga_mag)
                 for i in range(start, end):
                     ga_codes[i] = nearest_code(ga_new[i - start] / scale, s_table)
                 fix_degenerate(ga_codes, start, end, ga_mag, s_zero)
             if use_momentum:
-                scale = set_scale(buf_absmax, b, buf_mag)
+                scale = set_scale(buf_absmax, lb, buf_mag)
                 for i in range(start, end):
                     buf_codes[i] = nearest_code(buf_new[i - start] / scale, s_table)
                 fix_degenerate(buf_codes, start, end, buf_mag, s_zero)
@@ -270,18 +331,25 @@ def rmsprop(
 
 @kernel
 def lion(
-    p, p_fmt, g, g_fmt, m_codes, m_absmax, m_lut, m_table, m_zero,
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, seed, block_size,
+    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt, m_lut, m_table, m_zero,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, block_size,
 ):  # fmt: skip
-    n = p.size
-    blocks = m_absmax.size
+    # State: m.
+    blocks = block_starts[-1]
     tasks = min(blocks, MAX_TASKS)
     for task in prange(tasks):
         m_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
+        t = locate(first, 0, block_starts)
         for b in range(first, last):
-            start, end = block_range(b, block_size, n)
-            dequantize_run(m_codes, start, end, m_lut, m_absmax[b], m_new)
+            t = locate(b, t, block_starts)
+            n = tensors[t, NUMEL]
+            p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
+            m_codes = codes_of(tensors, t, 0, n)
+            m_absmax = absmax_of(tensors, t, 0, n, block_size)
+            seed, lb = tensors[t, SEED], b - block_starts[t]
+            start, end = block_range(lb, block_size, n)
+            dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
             m_mag = uint32(0)
             for i in range(start, end):
                 gi = load(g, i, g_fmt) * g_sign
@@ -292,7 +360,7 @@ def lion(
                 mi = fma(one_minus_beta2, gi, mi * beta2)
                 m_new[i - start] = mi
                 m_mag = umax(m_mag, abs_bits(mi))
-            scale = set_scale(m_absmax, b, m_mag)
+            scale = set_scale(m_absmax, lb, m_mag)
             for i in range(start, end):
                 m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
             fix_degenerate(m_codes, start, end, m_mag, m_zero)

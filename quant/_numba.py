@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
-from numba import config, int32, njit, prange, types, uint32, uint64
+from numba import carray, config, int32, njit, prange, types, uint32, uint64
 from numba.core import caching
 from numba.extending import intrinsic, overload
 
@@ -427,6 +427,33 @@ MAX_TASKS = 64
 def task_blocks(task, tasks, blocks):
     """The blocks ``[first, last)`` of one parallel task."""
     return task * blocks // tasks, (task + 1) * blocks // tasks
+
+
+@intrinsic
+def pointer_to(typingctx, address, like):
+    """A typed pointer to the memory at integer ``address``: to ``like``'s dtype (an array) or
+    to ``like`` itself (a numpy scalar type such as ``np.uint8``)."""
+    if isinstance(like, types.Array):
+        dtype = like.dtype
+    elif isinstance(like, types.NumberClass):
+        dtype = like.instance_type
+    else:
+        return None
+    if not isinstance(address, types.Integer):
+        return None
+    pointer = types.CPointer(dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@helper
+def view(address, size, like):
+    """The 1-D array of ``size`` elements at ``address`` (see :func:`pointer_to`), for kernels
+    that take many tensors as a table of addresses. The caller keeps the memory alive."""
+    return carray(pointer_to(address, like), (size,))
 
 
 @helper

@@ -276,3 +276,39 @@ def test_dispatch_uses_the_kernels_for_cpu_tensors_unless_switched_off(monkeypat
     assert not _native.serves([torch.zeros(3, device="meta")])
     monkeypatch.setenv(quant_native.ENV, "torch")
     assert not _native.serves([torch.zeros(3)])
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_many_parameters_in_one_call_equal_one_call_each(row, monkeypatch):
+    # One kernel call walks all parameters' blocks as one sequence (a table of addresses):
+    # it must give each parameter exactly what a call with that parameter alone gives, for
+    # sizes around the block size, mixed dtypes, its own step count and stochastic rounding.
+    monkeypatch.delenv(quant_native.ENV, raising=False)
+    sizes = [1, 255, 256, 257, 1000, 4097, 70000, 3]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16] * 2
+    problems = [make_problem(row, (n,), dtype, seed=i)
+                for i, (n, dtype) in enumerate(zip(sizes, dtypes, strict=True))]
+    grads = [(torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype) for p, _, gen in problems]
+    kwargs = row.kwargs | {"bf16_stochastic_rounding": True}
+
+    def update(indices):
+        ps = [problems[i][0].clone() for i in indices]
+        args = []
+        for name, _, used in row.slots:
+            states = [problems[i][1][name] for i in indices] if used else None
+            args += ([[c.clone() for c, _ in states], [a.clone() for _, a in states]]
+                     if used else [None, None])
+        if row.uses_steps:
+            args.append([torch.tensor(float(1 + i % 3)) for i in indices])
+        row.update(ps, [grads[i] for i in indices], *args, block_size=BLOCK, **kwargs)
+        return ps, args
+
+    torch.manual_seed(0)
+    together = update(range(len(sizes)))
+    torch.manual_seed(0)
+    alone = [update([i]) for i in range(len(sizes))]
+    for i, (ps, args) in enumerate(alone):
+        assert torch.equal(together[0][i], ps[0]), i
+        for ours, theirs in zip(together[1], args, strict=True):  # codes, absmax (and steps)
+            if theirs is not None:
+                assert torch.equal(ours[i], theirs[0]), i
