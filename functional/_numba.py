@@ -24,6 +24,7 @@ from numba.extending import overload
 
 from ..quant._numba import (
     BF16,
+    HELPER_OPTIONS,
     MAX_TASKS,
     abs_bits,
     block_range,
@@ -54,7 +55,7 @@ def store_param(p, i, value, fmt, seed):
     """
 
 
-@overload(store_param)
+@overload(store_param, jit_options=HELPER_OPTIONS)
 def _store_param(p, i, value, fmt, seed):
     if p.dtype == types.float32:
 
@@ -133,19 +134,6 @@ def locate(b, tensor, block_starts):
     return tensor
 
 
-@helper
-def codes_of(tensors, t, k, n):
-    """State ``k``'s codes, of parameter ``t`` (``n`` elements)."""
-    return view(tensors[t, STATES + 2 * k], n, np.uint8)
-
-
-@helper
-def absmax_of(tensors, t, k, n, block_size):
-    """State ``k``'s absmax, one per block of parameter ``t``. (A helper returning both arrays as
-    a tuple, like a row view, kept the requantization loops from vectorizing.)"""
-    return view(tensors[t, STATES + 2 * k + 1], (n + block_size - 1) // block_size, np.float32)
-
-
 @kernel
 def adam(
     tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt,
@@ -161,15 +149,16 @@ def adam(
         m_new = np.empty(block_size, np.float32)
         v_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
-        t = locate(first, 0, block_starts)
+        t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
             t = locate(b, t, block_starts)
             n = tensors[t, NUMEL]
+            blocks_of_n = (n + block_size - 1) // block_size
             p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-            m_codes = codes_of(tensors, t, 0, n)
-            m_absmax = absmax_of(tensors, t, 0, n, block_size)
-            v_codes = codes_of(tensors, t, 1, n)
-            v_absmax = absmax_of(tensors, t, 1, n, block_size)
+            m_codes = view(tensors[t, STATES], n, np.uint8)
+            m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
+            v_codes = view(tensors[t, STATES + 2], n, np.uint8)
+            v_absmax = view(tensors[t, STATES + 3], blocks_of_n, np.float32)
             inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
             seed, lb = tensors[t, SEED], b - block_starts[t]
             start, end = block_range(lb, block_size, n)
@@ -211,17 +200,18 @@ def adam_amsgrad(
         v_new = np.empty(block_size, np.float32)
         vmax_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
-        t = locate(first, 0, block_starts)
+        t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
             t = locate(b, t, block_starts)
             n = tensors[t, NUMEL]
+            blocks_of_n = (n + block_size - 1) // block_size
             p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-            m_codes = codes_of(tensors, t, 0, n)
-            m_absmax = absmax_of(tensors, t, 0, n, block_size)
-            v_codes = codes_of(tensors, t, 1, n)
-            v_absmax = absmax_of(tensors, t, 1, n, block_size)
-            vmax_codes = codes_of(tensors, t, 2, n)
-            vmax_absmax = absmax_of(tensors, t, 2, n, block_size)
+            m_codes = view(tensors[t, STATES], n, np.uint8)
+            m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
+            v_codes = view(tensors[t, STATES + 2], n, np.uint8)
+            v_absmax = view(tensors[t, STATES + 3], blocks_of_n, np.float32)
+            vmax_codes = view(tensors[t, STATES + 4], n, np.uint8)
+            vmax_absmax = view(tensors[t, STATES + 5], blocks_of_n, np.float32)
             inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
             seed, lb = tensors[t, SEED], b - block_starts[t]
             start, end = block_range(lb, block_size, n)
@@ -271,17 +261,18 @@ def rmsprop(
         buf_new = np.empty(block_size, np.float32)
         ga_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
-        t = locate(first, 0, block_starts)
+        t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
             t = locate(b, t, block_starts)
             n = tensors[t, NUMEL]
+            blocks_of_n = (n + block_size - 1) // block_size
             p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-            sq_codes = codes_of(tensors, t, 0, n)
-            sq_absmax = absmax_of(tensors, t, 0, n, block_size)
-            buf_codes = codes_of(tensors, t, 1, n)
-            buf_absmax = absmax_of(tensors, t, 1, n, block_size)
-            ga_codes = codes_of(tensors, t, 2, n)
-            ga_absmax = absmax_of(tensors, t, 2, n, block_size)
+            sq_codes = view(tensors[t, STATES], n, np.uint8)
+            sq_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
+            buf_codes = view(tensors[t, STATES + 2], n, np.uint8)
+            buf_absmax = view(tensors[t, STATES + 3], blocks_of_n, np.float32)
+            ga_codes = view(tensors[t, STATES + 4], n, np.uint8)
+            ga_absmax = view(tensors[t, STATES + 5], blocks_of_n, np.float32)
             seed, lb = tensors[t, SEED], b - block_starts[t]
             start, end = block_range(lb, block_size, n)
             dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[lb], sq_new)
@@ -340,13 +331,14 @@ def lion(
     for task in prange(tasks):
         m_new = np.empty(block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
-        t = locate(first, 0, block_starts)
+        t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
             t = locate(b, t, block_starts)
             n = tensors[t, NUMEL]
+            blocks_of_n = (n + block_size - 1) // block_size
             p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-            m_codes = codes_of(tensors, t, 0, n)
-            m_absmax = absmax_of(tensors, t, 0, n, block_size)
+            m_codes = view(tensors[t, STATES], n, np.uint8)
+            m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
             seed, lb = tensors[t, SEED], b - block_starts[t]
             start, end = block_range(lb, block_size, n)
             dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
