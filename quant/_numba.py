@@ -439,8 +439,8 @@ def view(typingctx, address, size, like):
     or of ``like`` itself (a numpy scalar type such as ``np.uint8``), for kernels that take many
     tensors as a table of addresses. The caller keeps the memory alive.
 
-    Built directly (data pointer, shape, strides; no owner): ``numba.carray`` does the same with
-    checks that made the optimizer kernels 0.6 s slower to compile.
+    The array is built directly (data pointer, shape, strides, no owner), as ``numba.carray``
+    builds one from a typed pointer.
     """
     if isinstance(like, types.Array):
         dtype = like.dtype
