@@ -3,8 +3,9 @@
 Each function here has the signature of the torch path it replaces (``adam._adam_torch``,
 ``rmsprop._rmsprop_torch``, ``lion._lion_torch``): the public functions check their arguments,
 build the per-parameter :class:`~._chunked.Quantized` states, and dispatch with one ``if``
-on :func:`serves`. Per parameter, one kernel call updates the parameter and its states in one
-pass per block, multi-threaded over blocks. The hyperparameters are rounded to fp32 here
+on :func:`serves`. One kernel call updates all parameters of one (parameter dtype, gradient
+dtype) pair, given as a table of addresses (:func:`_batches`), in one pass per block,
+multi-threaded over the blocks of all of them. The hyperparameters are rounded to fp32 here
 exactly as torch rounds Python scalars, so the kernels compute what the torch path computes.
 """
 

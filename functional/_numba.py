@@ -1,8 +1,10 @@
 """Numba kernels of the fused CPU update rules: one pass per block, in parallel over blocks.
 
-For each block a kernel dequantizes the states, applies the rule in fp32 registers, writes the
-parameter, keeps the fresh states and their absmax in a block-sized scratch buffer, and then
-requantizes them. Parameters, gradients and codes are read and written once per step.
+For each block a kernel dequantizes the states (64 codes per lookup, ``quant._numba.lookup64``)
+into a block-sized scratch buffer, applies the rule in fp32 registers, writes the parameter,
+keeps the fresh states and their absmax in the scratch buffer, and then requantizes them.
+Parameters, gradients and codes are read and written once per step. One call serves any number
+of parameters (a table of addresses, below), so many small parameters cost one parallel region.
 
 The arithmetic is the torch path's (``functional/adam.py``, ``rmsprop.py``, ``lion.py``)
 operation for operation, including where torch's CPU kernels fuse a multiply-add (lerp,

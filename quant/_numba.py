@@ -8,13 +8,18 @@ parallel over blocks, compiled once per argument-type signature and cached on di
 path is the oracle these kernels are tested against.
 
 Rules that keep the loops vectorized (checked in the generated assembly): element loops sit in
-the kernels themselves (numba does not vectorize a loop inside a called helper); helpers are
-plain ``@njit`` functions that LLVM inlines (numba's IR-level ``inline="always"``
+the kernels themselves (numba compiles a parallel loop's body with ``noalias`` array arguments,
+which a gathering loop needs; in a plain ``@njit`` helper LLVM must assume that a store may
+change the table, and the loop stays scalar); views of memory are built in the kernel (a
+helper returning a tuple of arrays, or a row view of a 2-D array, also kept loops scalar);
+helpers are plain ``@njit`` functions that LLVM inlines (numba's IR-level ``inline="always"``
 miscompiled a nested helper call here); divisions stay in the kernels (in a helper, numba's
 zero-division check is a branch that stops vectorization); and running maxima stay uint32
 (:func:`abs_bits`, :func:`umax`: numba widens integer arithmetic to 64 bits, halving the
 vector width). What remains is mostly the table lookups: each gathered element costs about a
-cycle on Zen 4 (measured), more than all the rest of quantize's arithmetic.
+cycle on Zen 4 (measured), more than all the rest of quantize's arithmetic. Dequantization
+therefore avoids gathers where the CPU allows (:func:`lookup64`: AVX-512 VBMI byte permutes);
+the nearest-code table (65,536 entries) cannot live in registers, so quantization gathers.
 
 Half-precision tensors arrive as ``uint16`` bit patterns (numpy has no bfloat16, and numba has no
 CPU float16), with a format flag: :data:`F16` or :data:`BF16`.

@@ -113,7 +113,17 @@ def first_step_table(results: list[StepResult]) -> list[list[str]]:
 TARGET_CELL = (16 << 20, 1)  # the cell the CPU targets are stated for: 16M parameters, one tensor
 
 
-def targets_table(results: list[StepResult], through: list[Throughput]) -> list[list[str]]:
+def first_use_table(first_use: dict) -> list[list[str]]:
+    """First use of each fused CPU kernel in a fresh process (bench_native.compile_times)."""
+    rows = [["first call in a fresh process", "empty cache (compiles)", "cached"]]
+    for name, row in first_use.items():
+        cold, warm = row["cold"]["first use"], row["warm"]["first use"]
+        rows.append([name, f"{cold:.2f} s", f"{warm:.2f} s"])
+    return rows
+
+
+def targets_table(results: list[StepResult], through: list[Throughput],
+                  first_use: dict | None = None) -> list[list[str]]:
     """The fused CPU path's targets, each with the measured value and whether it is met."""
     at = {r.name: r.median_s for r in results if (r.numel, r.n_tensors) == TARGET_CELL}
     gbps = {t.name: t.gbps for t in through}
@@ -138,6 +148,10 @@ def targets_table(results: list[StepResult], through: list[Throughput]) -> list[
     q = gbps.get("eightbit quantize_blockwise")
     add("quantize_blockwise >= 50% of a copy's GB/s", q / copy if q and copy else None, 0.5,
         at_most=False, unit="%")
+    for name, row in (first_use or {}).items():
+        cold = row["cold"]["first use"]
+        rows.append([f"first use of {name} < 2 s (compiling, fresh cache)", f"{cold:.2f} s",
+                     "yes" if cold < 2.0 else "no"])
     return rows
 
 

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file, python tests/benchmarks/run.py (
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "tests.benchmarks"
 
-from . import memory, report, steps, throughput  # noqa: E402
+from . import bench_native, memory, report, steps, throughput  # noqa: E402
 from .contenders import BASELINE, all_contenders, select  # noqa: E402
 from .timing import keep_awake  # noqa: E402
 
@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=3,
                                      budget_s=args.budget / 2, log=_log,
                                      families={c.family for c in contenders})
+    first_use = {}
+    if not args.quick and any(c.family == "eightbit" and not c.missing for c in contenders):
+        _log("\nfirst use of the fused CPU kernels, fresh processes (empty cache -> cached)")
+        first_use = bench_native.compile_times()
+        for name, row in first_use.items():
+            _log(f"  {name}: {row['cold']['first use']:.2f} s -> {row['warm']['first use']:.2f} s")
     memory_numel = args.memory_size if args.memory_size in args.sizes else max(args.sizes)
     if 1 not in args.layouts:
         memory_numel = None
@@ -179,13 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         "first": report.first_step_table(results),
         "memory": report.memory_table(results, peaks, memory_numel) if memory_numel else None,
         "throughput": report.throughput_table(through),
-        "targets": report.targets_table(results, through),
+        "first use": report.first_use_table(first_use) if first_use else None,
+        "targets": report.targets_table(results, through, first_use),
     }
     _log(f"\n{report.console(tables['step'])}\n")
     _log(f"{report.console(tables['first'])}\n")
     if tables["memory"]:
         _log(f"{report.console(tables['memory'])}\n")
     _log(f"{report.console(tables['throughput'])}\n")
+    if tables["first use"]:
+        _log(f"{report.console(tables['first use'])}\n")
     _log(f"{report.console(tables['targets'])}\n")
     _log(f"benchmark run time: {elapsed:.0f} s")
     if args.write:

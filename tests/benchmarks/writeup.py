@@ -128,8 +128,16 @@ def results_section(tables: dict, info: dict) -> str:
         parts += [f"### Memory at {info['memory_numel']:,} parameters (one tensor)",
                   markdown(tables["memory"])]
     parts += ["### Blockwise quantize / dequantize throughput (block 256)",
-              markdown(tables["throughput"]),
-              "### Targets of the fused CPU path", markdown(tables["targets"]), _method(info)]
+              markdown(tables["throughput"])]
+    if tables.get("first use"):
+        parts += ["### First use of the fused CPU kernels (numba)",
+                  "Each in a fresh process with its own empty cache, as on a new machine: the "
+                  "first call compiles (numba, then cached on disk); then a fresh process that "
+                  "loads it. "
+                  "Kernels share helpers, so after one optimizer has compiled, the next one's "
+                  "first use is shorter than shown.",
+                  markdown(tables["first use"])]
+    parts += ["### Targets of the fused CPU path", markdown(tables["targets"]), _method(info)]
     return "\n\n".join(parts)
 
 
