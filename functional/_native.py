@@ -11,6 +11,7 @@ exactly as torch rounds Python scalars, so the kernels compute what the torch pa
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -100,7 +101,20 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         np.cumsum(batch.blocks, out=block_starts[1:])
         tensors = np.array(batch.rows, dtype=np.int64)
         per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1)
-        yield (tensors, block_starts, per_tensor, *batch.like), batch
+        scratch = _scratch(_kernels().SCRATCH * block_size * _kernels().MAX_TASKS)
+        yield (tensors, block_starts, per_tensor, scratch.ctypes.data, *batch.like), batch
+
+
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """This thread's scratch memory for the kernels' per-task buffers (kept between calls, so a
+    step does not allocate and fault in fresh pages)."""
+    buffer = getattr(_local, "scratch", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _local.scratch = np.empty(nbytes, dtype=np.uint8)
+    return buffer
 
 
 def _tables(states):

@@ -126,6 +126,10 @@ def adam_denom(v_hat, inv_bc2_sqrt, eps):
 # first block of parameter t in the concatenation of all parameters' blocks (its last entry the
 # total), and the tasks split that concatenation, so many small parameters cost one call.
 P, G, NUMEL, SEED, STATES = 0, 1, 2, 3, 4
+# ``scratch`` is the address of MAX_TASKS x 3 blocks of fp32 values: each task's buffers for
+# up to three states (bytes per block of one task: SCRATCH * block_size). Passed in, because
+# np.empty in a kernel added 0.2 s to its first compile.
+SCRATCH = 3 * 4
 
 
 @helper
@@ -138,7 +142,7 @@ def locate(b, tensor, block_starts):
 
 @kernel
 def adam(
-    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt,
+    tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
     m_lut, m_table, m_zero, v_lut, v_table, v_zero,
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
@@ -146,10 +150,10 @@ def adam(
     # AMSGrad is the separate kernel below: one kernel with both element loops took 0.5 s
     # longer to compile on first use, and the loops must sit in the kernels to vectorize.
     blocks = block_starts[-1]
-    tasks = min(blocks, MAX_TASKS)
+    tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
     for task in prange(tasks):
-        m_new = np.empty(block_size, np.float32)
-        v_new = np.empty(block_size, np.float32)
+        m_new = view(scratch + SCRATCH * block_size * task, block_size, np.float32)
+        v_new = view(scratch + SCRATCH * block_size * task + 4 * block_size, block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
         t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
@@ -190,17 +194,18 @@ def adam(
 
 @kernel
 def adam_amsgrad(
-    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt,
+    tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
     m_lut, m_table, m_zero, v_lut, v_table, v_zero,
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
     # :func:`adam` with a third state, the running maximum of v (v's map), in the denominator.
     blocks = block_starts[-1]
-    tasks = min(blocks, MAX_TASKS)
+    tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
     for task in prange(tasks):
-        m_new = np.empty(block_size, np.float32)
-        v_new = np.empty(block_size, np.float32)
-        vmax_new = np.empty(block_size, np.float32)
+        m_new = view(scratch + SCRATCH * block_size * task, block_size, np.float32)
+        v_new = view(scratch + SCRATCH * block_size * task + 4 * block_size, block_size, np.float32)
+        vmax_new = view(scratch + SCRATCH * block_size * task + 8 * block_size, block_size,
+                        np.float32)
         first, last = task_blocks(task, tasks, blocks)
         t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
@@ -250,18 +255,21 @@ def adam_amsgrad(
 
 @kernel
 def rmsprop(
-    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt, sq_lut, sq_table, sq_zero,
+    tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
+    sq_lut, sq_table, sq_zero,
     s_lut, s_table, s_zero, use_momentum, centered,
     l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, block_size,
 ):  # fmt: skip
     # States: square_avg (unsigned map), momentum_buffer and grad_avg (signed map, ``s_``),
     # the last two only when ``use_momentum`` / ``centered`` (their addresses are 0 otherwise).
     blocks = block_starts[-1]
-    tasks = min(blocks, MAX_TASKS)
+    tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
     for task in prange(tasks):
-        sq_new = np.empty(block_size, np.float32)
-        buf_new = np.empty(block_size, np.float32)
-        ga_new = np.empty(block_size, np.float32)
+        sq_new = view(scratch + SCRATCH * block_size * task, block_size, np.float32)
+        buf_new = view(scratch + SCRATCH * block_size * task + 4 * block_size, block_size,
+                       np.float32)
+        ga_new = view(scratch + SCRATCH * block_size * task + 8 * block_size, block_size,
+                      np.float32)
         first, last = task_blocks(task, tasks, blocks)
         t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):
@@ -324,14 +332,15 @@ def rmsprop(
 
 @kernel
 def lion(
-    tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt, m_lut, m_table, m_zero,
+    tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
+    m_lut, m_table, m_zero,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, block_size,
 ):  # fmt: skip
     # State: m.
     blocks = block_starts[-1]
-    tasks = min(blocks, MAX_TASKS)
+    tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
     for task in prange(tasks):
-        m_new = np.empty(block_size, np.float32)
+        m_new = view(scratch + SCRATCH * block_size * task, block_size, np.float32)
         first, last = task_blocks(task, tasks, blocks)
         t = locate(first, np.int64(0), block_starts)
         for b in range(first, last):

@@ -480,7 +480,8 @@ def view(typingctx, address, size, like):
 def block_range(b, block_size, n):
     """Element range of block ``b`` as unsigned indices (no negative-index wraparound checks)."""
     start = uint64(b) * uint64(block_size)
-    return start, min(start + uint64(block_size), uint64(n))
+    end = start + uint64(block_size)
+    return start, end if end < uint64(n) else uint64(n)
 
 
 @helper
@@ -522,7 +523,7 @@ def quantize(x, fmt, codes, absmax, table, zero_code, block_size):
     # than one block at a time, measured at 16M values on 2 cores.
     n = x.size
     blocks = absmax.size
-    tasks = min(blocks, MAX_TASKS)
+    tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
     for task in prange(tasks):
         first, last = task_blocks(task, tasks, blocks)
         start, end = block_range(first, block_size, n)
