@@ -73,7 +73,8 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
 
     ``states``: per state, a list of Quantized (or None where the state is off) per parameter;
     ``extras``: a tuple of floats per parameter, or None. Yields the kernels' first arguments,
-    ``(tensors, block_starts, per_tensor, p_like, p_fmt, g_like, g_fmt)``, and the batch.
+    ``(tensors, block_starts[, per_tensor], scratch, p_like, p_fmt, g_like, g_fmt)``
+    (``per_tensor``: the extras, when given), and the batch.
     """
     batches: dict[tuple, _Batch] = {}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -100,9 +101,10 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         block_starts = np.zeros(len(batch.blocks) + 1, dtype=np.int64)
         np.cumsum(batch.blocks, out=block_starts[1:])
         tensors = np.array(batch.rows, dtype=np.int64)
-        per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1)
+        per_tensor = () if extras is None else (
+            np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1),)
         scratch = _scratch(_kernels().SCRATCH * block_size * _kernels().MAX_TASKS)
-        yield (tensors, block_starts, per_tensor, scratch.ctypes.data, *batch.like), batch
+        yield (tensors, block_starts, *per_tensor, scratch.ctypes.data, *batch.like), batch
 
 
 _local = threading.local()

@@ -24,16 +24,14 @@ import numpy as np
 from numba import prange, types, uint32, uint64
 from numba.extending import overload
 
+from ..quant._intrinsics import abs_bits, f32_bits, fma, umax, view
 from ..quant._numba import (
     BF16,
     HELPER_OPTIONS,
     MAX_TASKS,
-    abs_bits,
     block_range,
     dequantize_run,
-    f32_bits,
     fix_degenerate,
-    fma,
     helper,
     kernel,
     load,
@@ -41,8 +39,6 @@ from ..quant._numba import (
     set_scale,
     store,
     task_blocks,
-    umax,
-    view,
 )
 
 
@@ -255,8 +251,7 @@ def adam_amsgrad(
 
 @kernel
 def rmsprop(
-    tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
-    sq_lut, sq_table, sq_zero,
+    tensors, block_starts, scratch, p_like, p_fmt, g_like, g_fmt, sq_lut, sq_table, sq_zero,
     s_lut, s_table, s_zero, use_momentum, centered,
     l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, block_size,
 ):  # fmt: skip
@@ -332,8 +327,7 @@ def rmsprop(
 
 @kernel
 def lion(
-    tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
-    m_lut, m_table, m_zero,
+    tensors, block_starts, scratch, p_like, p_fmt, g_like, g_fmt, m_lut, m_table, m_zero,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, block_size,
 ):  # fmt: skip
     # State: m.

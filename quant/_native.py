@@ -99,13 +99,15 @@ def describe() -> str:
         return f"torch path (numba does not import: {_import_kernels()[1]})"
     import numba
 
+    from ._intrinsics import lookup_method
+
     try:
         layer = numba.threading_layer()
     except ValueError:  # known once a kernel has run
         layer = numba.config.THREADING_LAYER
     return (
         f"numba {numba.__version__} (fused, {numba.get_num_threads()} threads, "
-        f"threading layer {layer}, codebook lookups by {module.lookup_method()}, "
+        f"threading layer {layer}, codebook lookups by {lookup_method()}, "
         f"cache: {module.cache_dir()})"
     )
 
@@ -115,7 +117,7 @@ class CodeTable(NamedTuple):
 
     ``table`` is ``None`` when some bin would hold two thresholds (never for the codebooks of
     :func:`~eightbit.quant.create_codebook`); ``thresholds`` (ending with +inf) then serve a
-    linear search instead. ``lut`` serves dequantization (:func:`eightbit.quant._numba.lookup64`):
+    linear search instead. ``lut`` serves dequantization (``eightbit.quant._intrinsics.lookup64``):
     512 float32 slots, the 256 codebook values and then their four byte planes (1,024 bytes:
     byte k of value c at byte ``256 * k + c``).
     """
