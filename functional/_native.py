@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from ..quant import _native as quant_native
 from . import _chunked
@@ -65,7 +66,8 @@ class _Batch(NamedTuple):
     blocks: list  # blocks per parameter
     extras: list  # per-parameter fp32 values the kernel reads (Adam's bias corrections)
     copies: list  # (parameter, contiguous copy updated in its place)
-    alive: list  # every tensor whose address is in the table
+    written: list  # the tensors the kernel writes: parameters (or their copies) and states
+    read: list  # the gradients (with ``written``, every tensor whose address is in the table)
 
 
 def _batches(params, grads, states, extras, *, block_size, stochastic):
@@ -85,16 +87,18 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         batch = batches.get((work.dtype, g.dtype))
         if batch is None:
             like = (*quant_native.as_array(work[:0]), *quant_native.as_array(g[:0]))
-            batch = batches[work.dtype, g.dtype] = _Batch(like, [], [], [], [], [])
+            batch = batches[work.dtype, g.dtype] = _Batch(like, [], [], [], [], [], [])
         row = [work.data_ptr(), g.data_ptr(), work.numel(), _seed(p, stochastic)]
         for state in states:
             q = state[i]
             row += [q.codes.data_ptr(), q.absmax.data_ptr()] if q is not None else [0, 0]
-            batch.alive.append(q)
+            if q is not None:
+                batch.written.extend((q.codes, q.absmax))
         batch.rows.append(row)
         batch.blocks.append(-(-work.numel() // block_size))
         batch.extras.append(extras[i] if extras is not None else ())
-        batch.alive.extend((work, g))
+        batch.written.append(work)
+        batch.read.append(g)
         if work is not p:
             batch.copies.append((p, work))
     for batch in batches.values():
@@ -137,7 +141,10 @@ def _tables(states):
     return out
 
 
-def _copy_back(batch: _Batch) -> None:
+def _finish(batch: _Batch) -> None:
+    """After a kernel call: mark what it wrote in place as modified for autograd (an in-place
+    torch op would), and copy contiguous copies back into their non-contiguous parameters."""
+    increment_version(batch.written)
     for p, work in batch.copies:
         p.copy_(work)
 
@@ -170,7 +177,7 @@ def adam(
             _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
             _f32(1 - beta2), _f32(eps), _f32(-1.0 if maximize else 1.0), block_size,
         )
-        _copy_back(batch)
+        _finish(batch)
 
 
 def rmsprop(
@@ -192,7 +199,7 @@ def rmsprop(
             centered, _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps),
             _f32(momentum), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
         )
-        _copy_back(batch)
+        _finish(batch)
 
 
 def lion(
@@ -210,4 +217,4 @@ def lion(
             _f32(1 - lr * weight_decay), _f32(beta1), _f32(1 - beta1), _f32(beta2),
             _f32(1 - beta2), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
         )
-        _copy_back(batch)
+        _finish(batch)

@@ -305,3 +305,7 @@ def launch(
         for original, work in plan.copies:
             if original is not None:
                 original.copy_(work)
+    # the kernels wrote parameters and states behind autograd's back; an in-place op would
+    # have marked them modified
+    written = [*params, *(t for pair in states for ts in pair if ts is not None for t in ts)]
+    torch.autograd.graph.increment_version(written)

@@ -312,3 +312,23 @@ def test_many_parameters_in_one_call_equal_one_call_each(row, monkeypatch):
         for ours, theirs in zip(together[1], args, strict=True):  # codes, absmax (and steps)
             if theirs is not None:
                 assert torch.equal(ours[i], theirs[0]), i
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_a_step_marks_parameters_and_states_modified_for_autograd(row, backend, monkeypatch):
+    # torch's optimizers update in place with torch ops, which bump each tensor's version
+    # counter (autograd's check that a saved tensor was not changed); the kernels must too.
+    monkeypatch.setenv(quant_native.ENV, "torch" if backend == "torch" else "auto")
+    p, states, gen = make_problem(row, (1000,), torch.float32)
+    p.requires_grad_(True)
+    args = []
+    for name, _, used in row.slots:
+        args += [[states[name][0]], [states[name][1]]] if used else [None, None]
+    if row.uses_steps:
+        args.append([torch.tensor(1.0)])
+    tensors = [p] + [t for ts in args[:-1 if row.uses_steps else None] if ts for t in ts]
+    before = [t._version for t in tensors]
+    with torch.no_grad():
+        row.update([p], [torch.randn(1000, generator=gen)], *args, block_size=BLOCK, **row.kwargs)
+    assert all(t._version > v for t, v in zip(tensors, before, strict=True))
