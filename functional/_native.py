@@ -42,15 +42,6 @@ def _kernels():
     return _numba
 
 
-def _state(q: _chunked.Quantized):
-    """``(codes, absmax, lut, table, zero_code)`` arrays of one 8-bit state (``lut``: the
-    codebook and its byte planes, see ``quant._native.CodeTable``)."""
-    t = quant_native.code_table(q.codebook)
-    if t.table is None:  # not for the dynamic maps the rules use
-        raise ValueError("the fused CPU kernels need a codebook with one threshold per table bin")
-    return q.codes.view(-1).numpy(), q.absmax.numpy(), t.lut, t.table, t.zero_code
-
-
 def _seed(p: torch.Tensor, stochastic: bool) -> int:
     """Seed of a bf16 parameter's stochastic rounding, from torch's default generator (0: off)."""
     if not (stochastic and p.dtype == torch.bfloat16):
