@@ -151,14 +151,14 @@ def adam(
     amsgrad = any(v is not None for v in max_exp_avg_sqs)
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     (m_lut, m_table, m_zero), (v_lut, v_table, v_zero) = _tables(states[:2])
-    corrections = {}
+    corrections, extras = {}, []  # per parameter, computed once per distinct step count
     for step_t in steps:
         step = _chunked.scalar(step_t)
         if step not in corrections:
             # 1 / bias_correction2_sqrt rounded once (fp32 division): the kernel multiplies
             corrections[step] = (_f32(1) / _f32((1 - beta2**step) ** 0.5),
                                  _f32(-lr / (1 - beta1**step)))
-    extras = [corrections[_chunked.scalar(s)] for s in steps]
+        extras.append(corrections[step])
     kernel = kernels.adam_amsgrad if amsgrad else kernels.adam
     for first, batch in _batches(params, grads, states, extras, block_size=block_size,
                                  stochastic=bf16_stochastic_rounding):

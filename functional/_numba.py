@@ -1,6 +1,6 @@
 """Numba kernels of the fused CPU update rules: one pass per block, in parallel over blocks.
 
-For each block a kernel dequantizes the states (64 codes per lookup, ``quant._numba.lookup64``)
+For each block a kernel dequantizes the states (64 codes per lookup, ``quant._intrinsics.lookup64``)
 into a block-sized scratch buffer, applies the rule in fp32 registers, writes the parameter,
 keeps the fresh states and their absmax in the scratch buffer, and then requantizes them.
 Parameters, gradients and codes are read and written once per step. One call serves any number
@@ -143,8 +143,9 @@ def adam(
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
     # States: m, v. per_tensor[t] = (1 / bias_correction2_sqrt, -lr / bias_correction1).
-    # AMSGrad is the separate kernel below: one kernel with both element loops took 0.5 s
-    # longer to compile on first use, and the loops must sit in the kernels to vectorize.
+    # AMSGrad is the separate kernel below: one kernel for both compiled slower on first use
+    # (0.5 s with a run-time flag; 0.2 s with a None argument that numba prunes), and the
+    # loops must sit in the kernels to vectorize.
     blocks = block_starts[-1]
     tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
     for task in prange(tasks):
