@@ -187,6 +187,30 @@ class QuantizedTensor:
         return cls(state["codes"], state["absmax"], state["codebook"], state["block_size"], dtype)
 
 
+def _memory(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[first, last)`` that ``t``'s elements span (a strided view's span)."""
+    first = t.data_ptr()
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return first, first + (reach + 1) * t.element_size()
+
+
+def _check_no_overlap(out: torch.Tensor, out_name: str, inputs: dict[str, torch.Tensor]) -> None:
+    """An ``out`` buffer must not share memory with an input: the kernels read and write in
+    parallel and assume their arrays are distinct (and the result would depend on the order)."""
+    if out.numel() == 0:
+        return
+    start, end = _memory(out)
+    for name, t in inputs.items():
+        if t.device != out.device or t.numel() == 0:
+            continue
+        t_start, t_end = _memory(t)
+        if start < t_end and t_start < end:
+            raise ValueError(
+                f"{out_name} shares memory with {name}; pass an {out_name} buffer of its own "
+                "(e.g. a fresh torch.empty_like)"
+            )
+
+
 def _check_parts(
     codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int
 ) -> None:
@@ -274,6 +298,8 @@ def quantize_blockwise(
                 f"out codes must be a contiguous uint8 tensor of x's shape {tuple(x.shape)}, "
                 f"got shape {tuple(codes.shape)}"
             )
+        _check_no_overlap(codes, "out codes", {"x": x, "out absmax": absmax})
+        _check_no_overlap(absmax, "out absmax", {"x": x})
     if x.numel():
         _backend(x.device).quantize(x, codes, absmax, codebook, block_size)
     return QuantizedTensor(codes, absmax, codebook, block_size, x.dtype)
@@ -335,6 +361,7 @@ def dequantize_blockwise(
                 f"out must be a contiguous tensor of shape {tuple(codes.shape)} on {codes.device}, "
                 f"got shape {tuple(out.shape)} on {out.device}"
             )
+        _check_no_overlap(out, "out", {"codes": codes, "absmax": absmax})
     if codes.numel():
         _backend(codes.device).dequantize(codes.contiguous(), absmax, codebook, block_size, out)
     return out

@@ -173,6 +173,34 @@ def test_out_buffers_both_directions():
     assert torch.equal(out, q.dequantize(dtype=torch.float32).bfloat16())
 
 
+def test_out_buffers_that_share_memory_with_an_input_are_refused():
+    x = torch.randn(1024)
+    q = quantize_blockwise(x, block_size=64)
+    raw = x.view(torch.uint8)  # 4096 bytes: x's own memory seen as uint8
+    with pytest.raises(ValueError, match="out codes shares memory with x"):
+        quantize_blockwise(x, block_size=64, out=(raw[:1024], torch.empty(16)))
+    with pytest.raises(ValueError, match="out absmax shares memory with x"):
+        quantize_blockwise(x, block_size=64, out=(torch.empty(1024, dtype=torch.uint8), x[:16]))
+    as_float = torch.empty(1024 + 16)
+    with pytest.raises(ValueError, match="out codes shares memory with out absmax"):
+        quantize_blockwise(
+            x, block_size=64, out=(as_float.view(torch.uint8)[:1024], as_float[200:216])
+        )
+    shared = torch.empty(1024)  # 4096 bytes: the codes in its first 1024
+    codes = shared.view(torch.uint8)[:1024]
+    codes.copy_(q.codes)
+    with pytest.raises(ValueError, match="out shares memory with codes"):
+        dequantize_blockwise(codes, q.absmax, block_size=64, out=shared)
+    shared = torch.empty(1024)  # the absmax in its first 16 values
+    shared[:16] = q.absmax
+    with pytest.raises(ValueError, match="out shares memory with absmax"):
+        dequantize_blockwise(q.codes, shared[:16], block_size=64, out=shared)
+    # disjoint views of one storage are fine
+    buffer = torch.empty(2 * 1024, dtype=torch.uint8)
+    q2 = quantize_blockwise(x, block_size=64, out=(buffer[:1024], torch.empty(16)))
+    assert torch.equal(q2.codes, q.codes)
+
+
 def test_dequantize_from_raw_parts():
     x = torch.randn(1000)
     q = quantize_blockwise(x)
