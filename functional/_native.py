@@ -42,6 +42,19 @@ def _kernels():
     return _numba
 
 
+def _threads() -> int:
+    from ..quant._threads import threads
+
+    return threads()
+
+
+def _run(kernel, blocks: int, elements: int, *args) -> None:
+    """``quant._threads.run``: the kernel's parts on numba's threads (imported on first use)."""
+    from ..quant._threads import run
+
+    run(kernel, blocks, elements, *args)
+
+
 def _seed(p: torch.Tensor, stochastic: bool) -> int:
     """Seed of a bf16 parameter's stochastic rounding, from torch's default generator (0: off)."""
     if not (stochastic and p.dtype == torch.bfloat16):
@@ -65,7 +78,8 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
     """Group the non-empty parameters for the kernels, by (parameter dtype, gradient dtype).
 
     ``states``: per state, a list of Quantized (or None where the state is off) per parameter;
-    ``extras``: a tuple of floats per parameter, or None. Yields the kernels' first arguments,
+    ``extras``: a tuple of floats per parameter, or None. Yields the number of blocks and of
+    elements, the kernels' arguments after ``(part, parts)``,
     ``(tensors, block_starts[, per_tensor], scratch, p_like, p_fmt, g_like, g_fmt)``
     (``per_tensor``: the extras, when given), and the batch.
     """
@@ -98,15 +112,16 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         tensors = np.array(batch.rows, dtype=np.int64)
         per_tensor = () if extras is None else (
             np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1),)
-        scratch = _scratch(_kernels().SCRATCH * block_size * _kernels().MAX_TASKS)
-        yield (tensors, block_starts, *per_tensor, scratch.ctypes.data, *batch.like), batch
+        scratch = _scratch(_kernels().SCRATCH * block_size * _threads())
+        first = (tensors, block_starts, *per_tensor, scratch.ctypes.data, *batch.like)
+        yield (int(block_starts[-1]), int(tensors[:, _kernels().NUMEL].sum())), first, batch
 
 
 _local = threading.local()
 
 
 def _scratch(nbytes: int) -> np.ndarray:
-    """This thread's scratch memory for the kernels' per-task buffers (kept between calls, so a
+    """This thread's scratch memory for the kernels' per-part buffers (kept between calls, so a
     step does not allocate and fault in fresh pages)."""
     buffer = getattr(_local, "scratch", None)
     if buffer is None or buffer.nbytes < nbytes:
@@ -160,10 +175,10 @@ def adam(
                                  _f32(-lr / (1 - beta1**step)))
         extras.append(corrections[step])
     kernel = kernels.adam_amsgrad if amsgrad else kernels.adam
-    for first, batch in _batches(params, grads, states, extras, block_size=block_size,
-                                 stochastic=bf16_stochastic_rounding):
-        kernel(
-            *first, m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+    for size, first, batch in _batches(params, grads, states, extras, block_size=block_size,
+                                         stochastic=bf16_stochastic_rounding):
+        _run(
+            kernel, *size, *first, m_lut, m_table, m_zero, v_lut, v_table, v_zero,
             _f32(1 - lr * weight_decay if decoupled else 1.0),
             _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
             _f32(1 - beta2), _f32(eps), _f32(-1.0 if maximize else 1.0), block_size,
@@ -183,10 +198,10 @@ def rmsprop(
     signed = buf or ga or sq  # an unused placeholder when neither signed state is on
     use_momentum = any(b is not None for b in momentum_buffers)
     centered = any(a is not None for a in grad_avgs)
-    for first, batch in _batches(params, grads, states, None, block_size=block_size,
-                                 stochastic=bf16_stochastic_rounding):
-        kernel(
-            *first, *sq, *signed, use_momentum,
+    for size, first, batch in _batches(params, grads, states, None, block_size=block_size,
+                                         stochastic=bf16_stochastic_rounding):
+        _run(
+            kernel, *size, *first, *sq, *signed, use_momentum,
             centered, _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps),
             _f32(momentum), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
         )
@@ -201,10 +216,11 @@ def lion(
     kernel = _kernels().lion
     lr = _chunked.scalar(lr)
     (m,) = _tables([exp_avgs])
-    for first, batch in _batches(params, grads, [exp_avgs], None, block_size=block_size,
-                                 stochastic=bf16_stochastic_rounding):
-        kernel(
-            *first, *m,
+    for size, first, batch in _batches(params, grads, [exp_avgs], None,
+                                         block_size=block_size,
+                                         stochastic=bf16_stochastic_rounding):
+        _run(
+            kernel, *size, *first, *m,
             _f32(1 - lr * weight_decay), _f32(beta1), _f32(1 - beta1), _f32(beta2),
             _f32(1 - beta2), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
         )

@@ -7,10 +7,11 @@ until the first CPU call, so ``import eightbit`` stays fast.
 
 Both paths compute the same function: identical codes and absmax (see
 :mod:`eightbit.quant.blockwise`). The kernels process a tensor in one pass per block, in parallel
-over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``).
-Compiled kernels are cached on disk (:func:`describe` says where): the first call of a kernel
-signature in a fresh cache compiles it (1 to 3 s of CPU time; Adam's is the largest), later
-processes load it in tens of milliseconds. A process forked after its parent used the kernels
+over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``; one
+thread per 65,536 elements, ``_threads.GRAIN``). Compiled kernels are cached on disk
+(:func:`describe` says where): the first call of a kernel signature in a fresh cache compiles it
+(0.2 to 1.5 s; Adam's with bf16 parameters is the largest), later processes load it in a few
+tenths of a second. A process forked after its parent used the kernels
 (a DataLoader worker, say) uses the torch path: numba's OpenMP threading layer is not fork-safe.
 """
 
@@ -63,9 +64,6 @@ def kernels():
             # A process forked after the parent ran the kernels: numba's OpenMP layer is not
             # fork-safe (the child would be terminated), so the torch path serves it.
             return None
-        import numba
-
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     return module
 
 
@@ -100,13 +98,14 @@ def describe() -> str:
     import numba
 
     from ._intrinsics import lookup_method
+    from ._threads import threads
 
     try:
         layer = numba.threading_layer()
     except ValueError:  # known once a kernel has run
         layer = numba.config.THREADING_LAYER
     return (
-        f"numba {numba.__version__} (fused, {numba.get_num_threads()} threads, "
+        f"numba {numba.__version__} (fused, up to {threads()} threads, "
         f"threading layer {layer}, codebook lookups by {lookup_method()}, "
         f"cache: {module.cache_dir()})"
     )
@@ -186,14 +185,19 @@ def quantize(
     block_size: int,
 ) -> None:
     """Quantize the flat view of ``x`` into ``codes`` and ``absmax`` (torch path's contract)."""
+    from ._threads import run
+
     k = kernels()
     values, fmt = as_array(x.contiguous())  # a non-contiguous x is copied, as the torch path does
     flat_codes, flat_absmax = codes.view(-1).numpy(), absmax.numpy()
     t = code_table(codebook)
+    blocks, n = flat_absmax.size, flat_codes.size
     if t.table is None:
-        k.quantize_scan(values, fmt, flat_codes, flat_absmax, t.thresholds, t.zero_code, block_size)
+        run(k.quantize_scan, blocks, n, values, fmt, flat_codes, flat_absmax, t.thresholds,
+            t.zero_code, block_size)
     else:
-        k.quantize(values, fmt, flat_codes, flat_absmax, t.table, t.zero_code, block_size)
+        run(k.quantize, blocks, n, values, fmt, flat_codes, flat_absmax, t.table, t.zero_code,
+            block_size)
 
 
 def dequantize(
@@ -204,10 +208,13 @@ def dequantize(
     out: torch.Tensor,
 ) -> None:
     """Dequantize ``codes`` into the contiguous ``out`` (any float dtype), as the torch path."""
+    from ._threads import run
+
     values, fmt = as_array(out)
     k, lut = kernels(), code_table(codebook).lut
     flat_codes, flat_absmax = codes.reshape(-1).numpy(), absmax.numpy()
+    blocks, n = flat_absmax.size, flat_codes.size
     if fmt == k.F32:
-        k.dequantize_f32(flat_codes, flat_absmax, lut, values, block_size)
+        run(k.dequantize_f32, blocks, n, flat_codes, flat_absmax, lut, values, block_size)
     else:
-        k.dequantize(flat_codes, flat_absmax, lut, values, fmt, block_size)
+        run(k.dequantize, blocks, n, flat_codes, flat_absmax, lut, values, fmt, block_size)

@@ -2,15 +2,17 @@
 the fused optimizer kernels of ``eightbit.functional._numba`` share.
 
 Imported only by :mod:`eightbit.quant._native` (and the functional layer's kernels), on the first
-CPU call, never by ``import eightbit``. Every kernel is ``@njit(parallel=True, cache=True)``,
-parallel over blocks, compiled once per argument-type signature and cached on disk in
+CPU call, never by ``import eightbit``. Every kernel is a serial ``@njit(cache=True,
+nogil=True)`` function over one part of the blocks (:func:`part_blocks`), run on numba's
+threads by :func:`eightbit.quant._threads.run` (not ``parallel=True``, which compiled about
+twice as long); compiled once per argument-type signature and cached on disk in
 :func:`cache_dir`. No fast-math anywhere: division, sqrt and rounding are IEEE fp32; the torch
 path is the oracle these kernels are tested against.
 
 Rules that keep the loops vectorized (checked in the generated assembly): element loops sit in
-the kernels themselves (numba compiles a parallel loop's body with ``noalias`` array arguments,
-which a gathering loop needs; in a plain ``@njit`` helper LLVM must assume that a store may
-change the table, and the loop stays scalar); views of memory are built in the kernel (a
+the kernels themselves (kernels are compiled with ``noalias`` array arguments, see
+:data:`kernel`, which a gathering loop needs; in a plain ``@njit`` helper LLVM must assume that
+a store may change the table, and the loop stays scalar); views of memory are built in the kernel (a
 helper returning a tuple of arrays, or a row view of a 2-D array, also kept loops scalar);
 helpers are plain ``@njit`` functions that LLVM inlines (numba's IR-level ``inline="always"``
 miscompiled a nested helper call here); divisions stay in the kernels (in a helper, numba's
@@ -39,8 +41,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from numba import config, int32, njit, prange, types, uint32, uint64
-from numba.core import caching
+from numba import config, int32, njit, types, uint32, uint64
+from numba.core import caching, compiler
 from numba.extending import overload
 
 from ._intrinsics import (
@@ -99,7 +101,21 @@ class _EightbitCacheLocator(caching.UserWideCacheLocator):
 if _EightbitCacheLocator not in caching.CacheImpl._locator_classes:
     caching.CacheImpl._locator_classes.insert(0, _EightbitCacheLocator)
 
-kernel = njit(parallel=True, cache=True)
+class _KernelPipeline(compiler.CompilerBase):
+    """numba's nopython pipeline with ``noalias`` array arguments (see :data:`kernel`)."""
+
+    def define_pipelines(self):
+        self.state.flags.noalias = True
+        return [compiler.DefaultPassBuilder.define_nopython_pipeline(self.state)]
+
+
+# A kernel call does one part of the blocks, ``kernel(part, parts, ...)`` (:func:`part_blocks`),
+# and ``_threads.run`` runs the parts on numba's threads. Two options give them what numba
+# gives the body of a parallel loop, and the gathering loops need: array arguments that do not
+# alias (LLVM may then keep a table's loads apart from the stores), and numpy's error model
+# (a division has no zero check, a branch that would stop vectorization). nogil lets the
+# threads run at once.
+kernel = njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_KernelPipeline)
 # Helpers are only ever called from kernels: no Python or C entry points to build (first use
 # of an optimizer compiles about a hundred of them; the wrappers took a third of that time).
 HELPER_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
@@ -206,15 +222,10 @@ def dequantize_run(codes, start, end, lut, scale, out):
         out[i - start] = lut[codes[i]] * scale
 
 
-# Parallel tasks per call: each owns a contiguous run of blocks (and, in the optimizer kernels,
-# one scratch buffer).
-MAX_TASKS = 64
-
-
 @helper
-def task_blocks(task, tasks, blocks):
-    """The blocks ``[first, last)`` of one parallel task."""
-    return task * blocks // tasks, (task + 1) * blocks // tasks
+def part_blocks(part, parts, blocks):
+    """The blocks ``[first, last)`` of part ``part`` of ``parts`` (``_threads.run``'s split)."""
+    return part * blocks // parts, (part + 1) * blocks // parts
 
 
 @helper
@@ -257,44 +268,42 @@ def scan_code(y, thresholds):
 
 
 @kernel
-def quantize(x, fmt, codes, absmax, table, zero_code, block_size):
-    # Each task walks its blocks in order and computes the absmax of the next block in the same
+def quantize(part, parts, x, fmt, codes, absmax, table, zero_code, block_size):
+    # Each part walks its blocks in order and computes the absmax of the next block in the same
     # loop that encodes this one, so that the next block's reads from memory overlap this
     # block's table lookups (the lookups, not memory, limit the encoding loop): 15% faster
     # than one block at a time, measured at 16M values on 2 cores.
     n = x.size
-    blocks = absmax.size
-    tasks = blocks if blocks < MAX_TASKS else MAX_TASKS
-    for task in prange(tasks):
-        first, last = task_blocks(task, tasks, blocks)
-        start, end = block_range(first, block_size, n)
+    first, last = part_blocks(part, parts, absmax.size)
+    start, end = block_range(first, block_size, n)
+    next_mag = uint32(0)
+    for i in range(start, end):
+        next_mag = umax(next_mag, abs_bits(load(x, i, fmt)))
+    for b in range(first, last):
+        start, end = block_range(b, block_size, n)
+        mag = next_mag
+        scale = set_scale(absmax, b, mag)
+        # (past the part's last block: another part's first block, or empty past the end)
+        ahead, ahead_end = block_range(b + 1, block_size, n)
         next_mag = uint32(0)
-        for i in range(start, end):
-            next_mag = umax(next_mag, abs_bits(load(x, i, fmt)))
-        for b in range(first, last):
-            start, end = block_range(b, block_size, n)
-            mag = next_mag
-            scale = set_scale(absmax, b, mag)
-            # (past the task's last block: another task's first block, or empty past the end)
-            ahead, ahead_end = block_range(b + 1, block_size, n)
-            next_mag = uint32(0)
-            if ahead_end - ahead == end - start:
-                for i in range(start, end):
-                    next_mag = umax(next_mag, abs_bits(load(x, ahead + (i - start), fmt)))
-                    codes[i] = nearest_code(load(x, i, fmt) / scale, table)
-            else:  # the next block is the ragged last one, or none
-                for i in range(start, end):
-                    codes[i] = nearest_code(load(x, i, fmt) / scale, table)
-                for i in range(ahead, ahead_end):
-                    next_mag = umax(next_mag, abs_bits(load(x, i, fmt)))
-            fix_degenerate(codes, start, end, mag, zero_code)
+        if ahead_end - ahead == end - start:
+            for i in range(start, end):
+                next_mag = umax(next_mag, abs_bits(load(x, ahead + (i - start), fmt)))
+                codes[i] = nearest_code(load(x, i, fmt) / scale, table)
+        else:  # the next block is the ragged last one, or none
+            for i in range(start, end):
+                codes[i] = nearest_code(load(x, i, fmt) / scale, table)
+            for i in range(ahead, ahead_end):
+                next_mag = umax(next_mag, abs_bits(load(x, i, fmt)))
+        fix_degenerate(codes, start, end, mag, zero_code)
 
 
 @kernel
-def quantize_scan(x, fmt, codes, absmax, thresholds, zero_code, block_size):
+def quantize_scan(part, parts, x, fmt, codes, absmax, thresholds, zero_code, block_size):
     # For codebooks without a nearest-code table (:func:`scan_code`); never the built-in ones.
     n = x.size
-    for b in prange(absmax.size):
+    first, last = part_blocks(part, parts, absmax.size)
+    for b in range(first, last):
         start, end = block_range(b, block_size, n)
         mag = uint32(0)
         for i in range(start, end):
@@ -306,9 +315,10 @@ def quantize_scan(x, fmt, codes, absmax, thresholds, zero_code, block_size):
 
 
 @kernel
-def dequantize(codes, absmax, lut, out, fmt, block_size):
+def dequantize(part, parts, codes, absmax, lut, out, fmt, block_size):
     n = codes.size
-    for b in prange(absmax.size):
+    first, last = part_blocks(part, parts, absmax.size)
+    for b in range(first, last):
         start, end = block_range(b, block_size, n)
         scale = absmax[b]
         for i in range(start, end):
@@ -316,9 +326,10 @@ def dequantize(codes, absmax, lut, out, fmt, block_size):
 
 
 @kernel
-def dequantize_f32(codes, absmax, lut, out, block_size):
+def dequantize_f32(part, parts, codes, absmax, lut, out, block_size):
     # fp32 output: 64 codes per lookup (see lookup64); fp16/bf16 outputs take ``dequantize``
     n = codes.size
-    for b in prange(absmax.size):
+    first, last = part_blocks(part, parts, absmax.size)
+    for b in range(first, last):
         start, end = block_range(b, block_size, n)
         dequantize_run(codes, start, end, lut, absmax[b], out[start:end])

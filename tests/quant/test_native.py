@@ -190,18 +190,79 @@ def test_describe_names_numba_threads_and_cache():
     assert text.startswith("numba ") and "threads" in text and "cache: " in text
 
 
-def test_threads_follow_torch(monkeypatch):
-    import numba
-
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count for a test (restored after)."""
     before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        quantize_blockwise(torch.randn(4096))
-        assert numba.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    quantize_blockwise(torch.randn(4096))
-    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _spy():
+    """A Python stand-in for a kernel: records (part, parts, thread, args) per call."""
+    import threading
+
+    calls = []
+
+    def kernel(part, parts, *args):
+        calls.append((part, parts, threading.get_ident(), args))
+
+    return kernel, calls
+
+
+@pytest.mark.parametrize(
+    "threads, blocks, elements, parts",
+    [(1, 10, 10**6, 1), (2, 10, 10**6, 2), (2, 1, 10**6, 1), (2, 0, 0, 0), (2, 10, 100000, 1)],
+)
+def test_run_gives_each_thread_one_part_and_follows_torch_threads(
+    torch_threads, threads, blocks, elements, parts
+):
+    import threading
+
+    from eightbit.quant import _threads
+
+    assert _threads.GRAIN > 100000 // 2  # the last row: too few elements for two parts
+    torch_threads(threads)
+    kernel, calls = _spy()
+    _threads.run(kernel, blocks, elements, "a", 7)
+    assert sorted(c[:2] for c in calls) == [(part, parts) for part in range(parts)]
+    assert all(c[3] == ("a", 7) for c in calls)
+    if parts == 1:  # no pool: the calling thread runs it
+        assert calls[0][2] == threading.get_ident()
+
+
+def test_run_raises_a_part_s_error_after_all_parts_ran(torch_threads):
+    from eightbit.quant import _threads
+
+    torch_threads(2)
+    ran = []
+
+    def kernel(part, parts):
+        ran.append(part)
+        if part == 1:
+            raise ValueError("part 1 failed")
+
+    with pytest.raises(ValueError, match="part 1 failed"):
+        _threads.run(kernel, 8, 10**6)
+    assert sorted(ran) == [0, 1]
+    kernel_ok, calls = _spy()
+    _threads.run(kernel_ok, 8, 10**6)  # the pool still works
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_part_split_gives_the_same_codes(torch_threads, threads):
+    # parts split the blocks at different places; the skewed absmax of quantize crosses them
+    x = torch.randn(170_001)
+    x[84992:85248] = 0.0  # a zero block next to the boundary of two parts
+    torch_threads(threads)
+    codebook = create_codebook("dynamic", signed=True)
+    assert_identical(x, codebook)
+    codes, absmax = both(x, codebook)[1]
+    ours, theirs = torch.empty(x.shape), torch.empty(x.shape)
+    _native.dequantize(codes, absmax, codebook, 256, ours)
+    _torch.dequantize(codes, absmax, codebook, 256, theirs)
+    assert torch.equal(ours, theirs)
 
 
 def _run(code: str, env: dict) -> str:
