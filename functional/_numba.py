@@ -4,7 +4,7 @@ For each block a kernel dequantizes the states (64 codes per lookup, ``quant._in
 into a block-sized scratch buffer, applies the rule in fp32 registers, writes the parameter,
 keeps the fresh states and their absmax in the scratch buffer, and then requantizes them.
 Parameters, gradients and codes are read and written once per step. One call serves any number
-of parameters (a table of addresses, below), so many small parameters cost one parallel region.
+of parameters (a table of addresses, below): many small parameters cost one threaded call.
 
 The arithmetic is the torch path's (``functional/adam.py``, ``rmsprop.py``, ``lion.py``)
 operation for operation, including where torch's CPU kernels fuse a multiply-add (lerp,
