@@ -42,17 +42,11 @@ def _kernels():
     return _numba
 
 
-def _threads() -> int:
-    from ..quant._threads import threads
+def _threads():
+    """:mod:`eightbit.quant._threads` (imports numba: on the first CPU step, not at import)."""
+    from ..quant import _threads
 
-    return threads()
-
-
-def _run(kernel, blocks: int, elements: int, *args) -> None:
-    """``quant._threads.run``: the kernel's parts on numba's threads (imported on first use)."""
-    from ..quant._threads import run
-
-    run(kernel, blocks, elements, *args)
+    return _threads
 
 
 def _seed(p: torch.Tensor, stochastic: bool) -> int:
@@ -112,7 +106,7 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         tensors = np.array(batch.rows, dtype=np.int64)
         per_tensor = () if extras is None else (
             np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1),)
-        scratch = _scratch(_kernels().SCRATCH * block_size * _threads())
+        scratch = _scratch(_kernels().SCRATCH * block_size * _threads().threads())
         first = (tensors, block_starts, *per_tensor, scratch.ctypes.data, *batch.like)
         yield (int(block_starts[-1]), int(tensors[:, _kernels().NUMEL].sum())), first, batch
 
@@ -177,7 +171,7 @@ def adam(
     kernel = kernels.adam_amsgrad if amsgrad else kernels.adam
     for size, first, batch in _batches(params, grads, states, extras, block_size=block_size,
                                          stochastic=bf16_stochastic_rounding):
-        _run(
+        _threads().run(
             kernel, *size, *first, m_lut, m_table, m_zero, v_lut, v_table, v_zero,
             _f32(1 - lr * weight_decay if decoupled else 1.0),
             _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
@@ -200,7 +194,7 @@ def rmsprop(
     centered = any(a is not None for a in grad_avgs)
     for size, first, batch in _batches(params, grads, states, None, block_size=block_size,
                                          stochastic=bf16_stochastic_rounding):
-        _run(
+        _threads().run(
             kernel, *size, *first, *sq, *signed, use_momentum,
             centered, _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps),
             _f32(momentum), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
@@ -219,7 +213,7 @@ def lion(
     for size, first, batch in _batches(params, grads, [exp_avgs], None,
                                          block_size=block_size,
                                          stochastic=bf16_stochastic_rounding):
-        _run(
+        _threads().run(
             kernel, *size, *first, *m,
             _f32(1 - lr * weight_decay), _f32(beta1), _f32(1 - beta1), _f32(beta2),
             _f32(1 - beta2), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,

@@ -10,7 +10,7 @@ Both paths compute the same function: identical codes and absmax (see
 over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``; one
 thread per 65,536 elements, ``_threads.GRAIN``). Compiled kernels are cached on disk
 (:func:`describe` says where): the first call of a kernel signature in a fresh cache compiles it
-(0.2 to 1.5 s; Adam's with bf16 parameters is the largest), later processes load it in a few
+(0.2 to 2 s, ``make bench`` says how long each), later processes load it in a few
 tenths of a second. A process forked after its parent used the kernels
 (a DataLoader worker, say) uses the torch path: numba's OpenMP threading layer is not fork-safe.
 """
