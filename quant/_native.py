@@ -8,7 +8,7 @@ until the first CPU call, so ``import eightbit`` stays fast.
 Both paths compute the same function: identical codes and absmax (see
 :mod:`eightbit.quant.blockwise`). The kernels process a tensor in one pass per block, in parallel
 over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``; one
-thread per 65,536 elements, ``_threads.GRAIN``). Compiled kernels are cached on disk
+thread per 32,768 elements, ``_threads.GRAIN``). Compiled kernels are cached on disk
 (:func:`describe` says where): the first call of a kernel signature in a fresh cache compiles it
 (0.2 to 2 s, ``make bench`` says how long each), later processes load it in a few
 tenths of a second. A process forked after its parent used the kernels

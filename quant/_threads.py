@@ -14,9 +14,12 @@ types the parallel loop's body again as a function of its own, and LLVM optimize
 once it is linked into its caller. The first Adam8bit step in a fresh cache took 2.35 s that
 way; the same kernel, serial and run by this module, 1.3 s.
 
-Each part calls back into Python once (a ``ctypes`` callback, under the GIL) only to call the
-compiled kernel, which releases the GIL (``nogil=True``) while it runs. That costs a pool
-thread tens of microseconds per call (see :data:`GRAIN`), which only mid-sized calls notice.
+The pool's threads never enter Python. For each kernel signature, :func:`_part_function` emits a
+few lines of LLVM IR (through numba's own code generator, a few milliseconds, not cached): a
+function in numba's gufunc calling convention that reads the arguments, packed by
+:class:`_Packer` into one buffer in their in-memory form, and calls the compiled kernel's C
+entry point (numba's ``cfunc`` wrapper, made for every ``@njit`` function) with them. (Calling
+back into Python from each thread, under the GIL, cost 50-100 us per call on these VMs.)
 
 Imported by the kernels' callers on the first CPU call, never at ``import eightbit``.
 """
@@ -24,45 +27,36 @@ Imported by the kernels' callers on the first CPU call, never at ``import eightb
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
-import itertools
+import struct
 import threading
 
 import numpy as np
 import torch
-from numba import config
+from llvmlite import ir
+from numba import config, types
+from numba._dispatcher import compute_fingerprint
+from numba.core.compiler_lock import global_compiler_lock
 from numba.np.ufunc import parallel
 
 # Module of each of numba's threading layers; each exposes the address of its parallel_for.
 _LAYER_MODULES = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}
 
-# numba's gufunc calling convention: fn(char **args, intp *dims, intp *steps, void *data).
-# parallel_for calls it once per index r < dims[0], with args[j] advanced by r * steps[j].
-_PART_FN = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.POINTER(ctypes.c_int64)),
-                            ctypes.POINTER(ctypes.c_ssize_t), ctypes.POINTER(ctypes.c_ssize_t),
-                            ctypes.c_void_p)
-# parallel_for(fn, args, dims, steps, data, inner_ndim, array_count, num_threads); ctypes
-# releases the GIL for the call, so the pool's threads can run the callbacks.
+# parallel_for(fn, args, dims, steps, data, inner_ndim, array_count, num_threads) calls
+# fn(char **args, intp *dims, intp *steps, void *data) once per index r < dims[0], with args[j]
+# advanced by r * steps[j]. ctypes releases the GIL for the call.
 _PARALLEL_FOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ssize_t,
                                  ctypes.c_ssize_t, ctypes.c_int)
 
-_calls: dict[int, tuple] = {}  # call id -> (kernel, parts, args, errors)
-_ids = itertools.count(1)
+# Fewest elements per part (torch's at::internal::GRAIN_SIZE): below it, waking a thread costs
+# more than it saves.
+GRAIN = 32768
+
 _lock = threading.Lock()
 _parallel_for = None
-
-
-def _run_part(args, dims, steps, call):
-    """One part of a :func:`run` call, on one of the pool's threads (``args[0][0]``: the part)."""
-    kernel, parts, kernel_args, errors = _calls[call]
-    try:
-        kernel(args[0][0], parts, *kernel_args)
-    except BaseException as error:  # noqa: BLE001 -- re-raised in the calling thread
-        errors.append(error)
-
-
-_part_fn = _PART_FN(_run_part)  # kept alive for the process' lifetime
+_parts: dict[tuple, tuple] = {}  # (kernel, argument fingerprints) -> (part function, packer)
 
 
 def _pool():
@@ -77,12 +71,95 @@ def _pool():
     return _parallel_for
 
 
-# Fewest elements per part. A call through the pool costs more than numba's own parallel loop:
-# the pool's threads enter Python for their callbacks and wait for the GIL, 50-100 us on these
-# VMs (measured, an Adam8bit step: 65536 elements 115 us against 54 us for a parallel=True
-# kernel; 262144 elements 355 us against 252 us; 16M elements the same). Below two parts of
-# 65536, one thread without the pool is faster (an Adam8bit step: ~1.6 ns per element).
-GRAIN = 65536
+class _Packer:
+    """Writes ``parts`` and a kernel's arguments into one buffer, each in numba's in-memory
+    ("data") form, in 8-byte-aligned slots: the layout :func:`_part_function` reads.
+
+    An array is numba's array struct: meminfo and parent (null: the caller keeps the array
+    alive), size, itemsize, data pointer, shape, strides (all 8-byte words).
+    """
+
+    _SCALARS = {types.float32: "f", types.float64: "d", types.boolean: "?", types.int64: "q",
+                types.uint64: "Q", types.int32: "i", types.uint32: "I", types.uint8: "B"}
+
+    def __init__(self, argtypes):
+        fmt, self.slots = "<q", []  # the first slot: parts
+        for ty in argtypes:
+            if isinstance(ty, types.Array) and ty.layout == "C":
+                fmt += "5q" + "q" * (2 * ty.ndim)
+                self.slots.append(ty.ndim)
+            elif ty in self._SCALARS:
+                code = self._SCALARS[ty]
+                fmt += code + "x" * (8 - struct.calcsize("<" + code))
+                self.slots.append(None)
+            else:
+                raise TypeError(f"eightbit's thread pool cannot pass a {ty} to a kernel")
+        self.format = struct.Struct(fmt)
+
+    def pack(self, parts: int, args) -> ctypes.Array:
+        values = [parts]
+        for ndim, a in zip(self.slots, args, strict=True):
+            if ndim is None:
+                values.append(a)
+            else:
+                values += (0, 0, a.size, a.itemsize, a.ctypes.data, *a.shape, *a.strides)
+        buffer = ctypes.create_string_buffer(self.format.size)
+        self.format.pack_into(buffer, 0, *values)
+        return buffer
+
+
+def _part_function(cres, packer: _Packer):
+    """Emit and compile ``void part(char **args, intp *dims, intp *steps, void *data)``: part
+    ``*(int64 *)args[0]`` of the kernel compiled in ``cres``, its other arguments in ``data``.
+    Returns ``(address, library)`` (the library must stay alive)."""
+    ctx, fndesc = cres.target_context, cres.fndesc
+    if fndesc.argtypes[0] != types.int64:
+        raise TypeError("a kernel's first argument must be its part, an int64")
+    library = ctx.codegen().create_library("eightbit_part")
+    module = library.create_ir_module("eightbit_part")
+    i64, byte_ptr = ir.IntType(64), ir.IntType(8).as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [byte_ptr.as_pointer(), i64.as_pointer(),
+                                           i64.as_pointer(), byte_ptr])
+    function = ir.Function(module, fnty, "eightbit_part")
+    builder = ir.IRBuilder(function.append_basic_block())
+    args, _dims, _steps, data = function.args
+    values = [builder.load(builder.bitcast(builder.load(args), i64.as_pointer()))]
+    offset = 0
+    for ty in fndesc.argtypes[1:]:  # parts, then the kernel's arguments
+        data_type = ctx.get_data_type(ty)
+        slot = builder.bitcast(builder.gep(data, [ir.Constant(i64, offset)]),
+                               data_type.as_pointer())
+        values.append(ctx.data_model_manager[ty].from_data(builder, builder.load(slot)))
+        offset += -(-ctx.get_abi_sizeof(data_type) // 8) * 8
+    if offset != packer.format.size:
+        raise TypeError(f"kernel argument layout mismatch ({offset} != {packer.format.size})")
+    entry = cres.library.get_pointer_to_function(fndesc.llvm_cfunc_wrapper_name)
+    entry_type = ir.FunctionType(ctx.get_value_type(fndesc.restype),
+                                 [ctx.get_value_type(ty) for ty in fndesc.argtypes])
+    builder.call(builder.inttoptr(ir.Constant(i64, entry), entry_type.as_pointer()), values)
+    builder.ret_void()
+    library.add_ir_module(module)
+    with global_compiler_lock:
+        library.finalize()
+    return library.get_pointer_to_function("eightbit_part"), library
+
+
+def _compiled_part(kernel, args):
+    """The part function and packer for ``kernel`` and these argument types (compiling the
+    kernel for them first, in the calling thread, if needed)."""
+    try:
+        key = (kernel, *map(compute_fingerprint, args))  # numba's fast dispatch key
+    except NotImplementedError:  # a value numba's fast path does not know: its type instead
+        key = (kernel, *map(kernel.typeof_pyval, args))
+    found = _parts.get(key)
+    if found is None:
+        argtypes = tuple(kernel.typeof_pyval(a) for a in (0, 1, *args))
+        kernel.compile(argtypes)
+        cres = kernel.overloads[argtypes]
+        packer = _Packer(argtypes[2:])
+        address, library = _part_function(cres, packer)
+        found = _parts[key] = (ctypes.c_void_p(address), packer, library)
+    return found
 
 
 def threads() -> int:
@@ -95,9 +172,8 @@ def run(kernel, blocks: int, elements: int, *args) -> None:
     """``kernel(part, parts, *args)`` for every ``part < parts``, one part per thread.
 
     ``parts = min(threads(), blocks, elements // GRAIN)`` (at least 1 when ``blocks > 0``, none
-    when ``blocks == 0``); a single part runs in the calling thread, without the pool. An
-    exception raised by the kernel (e.g. numba's typing error on its first call) is raised here,
-    after all parts have returned.
+    when ``blocks == 0``); a single part runs in the calling thread, without the pool. A typing
+    error (arguments the kernel cannot take) is raised here, before any part runs.
 
     Example:
         >>> run(kernels.dequantize_f32, absmax.numel(), codes.numel(), codes, absmax, lut, out,
@@ -108,18 +184,16 @@ def run(kernel, blocks: int, elements: int, *args) -> None:
         if blocks > 0:
             kernel(0, 1, *args)
         return
-    parallel_for = _pool()
+    part_function, packer, _ = _compiled_part(kernel, args)
+    data = packer.pack(parts, args)
+    _pool()(part_function, *_part_indices(parts), ctypes.addressof(data), 0, 1, parts)
+
+
+@functools.cache
+def _part_indices(parts: int) -> tuple:
+    """parallel_for's ``args, dims, steps`` for ``parts`` calls: args[0] walks 0..parts-1 (read
+    only, so concurrent calls share them)."""
     index = np.arange(parts, dtype=np.int64)
     arrays = (ctypes.c_void_p * 1)(index.ctypes.data)
-    dims = (ctypes.c_ssize_t * 1)(parts)
-    steps = (ctypes.c_ssize_t * 1)(index.itemsize)
-    errors: list[BaseException] = []
-    call = next(_ids)
-    _calls[call] = (kernel, parts, args, errors)
-    try:
-        parallel_for(ctypes.cast(_part_fn, ctypes.c_void_p), arrays, dims, steps, call, 0, 1,
-                     parts)
-    finally:
-        del _calls[call]
-    if errors:
-        raise errors[0]
+    arrays._index = index  # keeps the indices alive with the pointer to them
+    return arrays, (ctypes.c_ssize_t * 1)(parts), (ctypes.c_ssize_t * 1)(index.itemsize)

@@ -198,56 +198,68 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
-def _spy():
-    """A Python stand-in for a kernel: records (part, parts, thread, args) per call."""
-    import threading
+def _kernels_for_the_pool():
+    """Two small kernels in the pool's convention, ``kernel(part, parts, ...)``."""
+    import numba
 
-    calls = []
+    @numba.njit(nogil=True)
+    def record(part, parts, seen, thread):
+        seen[part] = parts
+        thread[part] = numba.get_thread_id()
 
-    def kernel(part, parts, *args):
-        calls.append((part, parts, threading.get_ident(), args))
+    @numba.njit(nogil=True)
+    def echo(part, parts, out, f32, f64, flag, i64, u8, matrix):
+        out[part, 0], out[part, 1], out[part, 2] = f32, f64, 1.0 if flag else 0.0
+        out[part, 3], out[part, 4] = i64, u8
+        out[part, 5], out[part, 6] = matrix.sum(), matrix.strides[0] + 100 * matrix.shape[1]
 
-    return kernel, calls
+    return record, echo
 
 
 @pytest.mark.parametrize(
     "threads, blocks, elements, parts",
-    [(1, 10, 10**6, 1), (2, 10, 10**6, 2), (2, 1, 10**6, 1), (2, 0, 0, 0), (2, 10, 100000, 1)],
+    [(1, 10, 10**6, 1), (2, 10, 10**6, 2), (2, 1, 10**6, 1), (2, 0, 0, 0), (2, 10, 50000, 1)],
 )
 def test_run_gives_each_thread_one_part_and_follows_torch_threads(
     torch_threads, threads, blocks, elements, parts
 ):
-    import threading
-
     from eightbit.quant import _threads
 
-    assert _threads.GRAIN > 100000 // 2  # the last row: too few elements for two parts
+    assert _threads.GRAIN > 50000 // 2  # the last row: too few elements for two parts
     torch_threads(threads)
-    kernel, calls = _spy()
-    _threads.run(kernel, blocks, elements, "a", 7)
-    assert sorted(c[:2] for c in calls) == [(part, parts) for part in range(parts)]
-    assert all(c[3] == ("a", 7) for c in calls)
-    if parts == 1:  # no pool: the calling thread runs it
-        assert calls[0][2] == threading.get_ident()
+    record, _ = _kernels_for_the_pool()
+    seen, thread = np.full(4, -1), np.full(4, -1)
+    _threads.run(record, blocks, elements, seen, thread)
+    assert seen.tolist() == [parts] * parts + [-1] * (4 - parts)
+    assert sorted(thread[:parts]) == list(range(parts))  # one part per thread
 
 
-def test_run_raises_a_part_s_error_after_all_parts_ran(torch_threads):
+def test_run_passes_every_argument_type_the_kernels_use_to_every_part(torch_threads):
     from eightbit.quant import _threads
 
     torch_threads(2)
-    ran = []
+    _, echo = _kernels_for_the_pool()
+    matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for flag in (True, False):
+        out = np.zeros((2, 7))
+        args = (out, np.float32(1.5), -2.25, flag, -(2**40), np.uint8(200), matrix)
+        _threads.run(echo, 2, 10**6, *args)
+        want = [1.5, -2.25, float(flag), -(2**40), 200, 66.0, 16 + 400]
+        assert out.tolist() == [want, want]
+    with pytest.raises(TypeError, match="cannot pass"):  # a layout the part function lacks
+        _threads.run(echo, 2, 10**6, *args[:-1], np.asfortranarray(matrix))
 
-    def kernel(part, parts):
-        ran.append(part)
-        if part == 1:
-            raise ValueError("part 1 failed")
 
-    with pytest.raises(ValueError, match="part 1 failed"):
-        _threads.run(kernel, 8, 10**6)
-    assert sorted(ran) == [0, 1]
-    kernel_ok, calls = _spy()
-    _threads.run(kernel_ok, 8, 10**6)  # the pool still works
-    assert len(calls) == 2
+def test_run_raises_a_typing_error_before_any_part_runs(torch_threads):
+    import numba
+    from eightbit.quant import _threads
+
+    torch_threads(2)
+    record, _ = _kernels_for_the_pool()
+    thread = np.full(4, -1)
+    with pytest.raises(numba.core.errors.TypingError):
+        _threads.run(record, 8, 10**6, "not an array", thread)
+    assert (thread == -1).all()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
