@@ -56,7 +56,7 @@ GRAIN = 32768
 
 _lock = threading.Lock()
 _parallel_for = None
-_parts: dict[tuple, tuple] = {}  # (kernel, argument fingerprints) -> (part function, packer)
+_parts: dict[tuple, tuple] = {}  # (kernel, fingerprints) -> (part function, packer, library)
 
 
 def _pool():
