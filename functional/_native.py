@@ -65,7 +65,7 @@ class _Batch(NamedTuple):
     extras: list  # per-parameter fp32 values the kernel reads (Adam's bias corrections)
     copies: list  # (parameter, contiguous copy updated in its place)
     written: list  # the tensors the kernel writes: parameters (or their copies) and states
-    read: list  # the gradients (with ``written``, every tensor whose address is in the table)
+    read: list  # the gradients: keeps a contiguous copy alive while the kernel reads its address
 
 
 def _batches(params, grads, states, extras, *, block_size, stochastic):

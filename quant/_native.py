@@ -7,8 +7,8 @@ until the first CPU call, so ``import eightbit`` stays fast.
 
 Both paths compute the same function: identical codes and absmax (see
 :mod:`eightbit.quant.blockwise`). The kernels process a tensor in one pass per block, in parallel
-over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``; one
-thread per 32,768 elements, ``_threads.GRAIN``). Compiled kernels are cached on disk
+over blocks, with ``torch.get_num_threads()`` threads (at most numba's ``NUMBA_NUM_THREADS``, and
+at most one per 32,768 elements, ``_threads.GRAIN``). Compiled kernels are cached on disk
 (:func:`describe` says where): the first call of a kernel signature in a fresh cache compiles it
 (0.2 to 2 s, ``make bench`` says how long each), later processes load it in a few
 tenths of a second. A process forked after its parent used the kernels
@@ -78,7 +78,7 @@ def describe() -> str:
 
     Example:
         >>> describe()  # doctest: +SKIP
-        'numba 0.68.1 (fused, 2 threads, threading layer omp, codebook lookups by AVX-512 VBMI
+        'numba 0.68.1 (fused, up to 2 threads, threading layer omp, codebook lookups by AVX-512 VBMI
         byte permutes, cache: /root/.cache/eightbit/numba/0.1.0-3f2a9c0d1e4b)'
     """
     if _choice() == "torch":

@@ -8,6 +8,7 @@ and blocks of zeros, inf and NaN.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -198,8 +199,9 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
+@functools.cache
 def _kernels_for_the_pool():
-    """Two small kernels in the pool's convention, ``kernel(part, parts, ...)``."""
+    """Two small kernels in the pool's convention, ``kernel(part, parts, ...)`` (compiled once)."""
     import numba
 
     @numba.njit(nogil=True)
