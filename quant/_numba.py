@@ -26,9 +26,11 @@ Measured on Zen 4 (one thread, data in L2): the gather is 70% of quantize's loop
 ns per value) and 40-55% of an Adam8bit step at 16M values; its cost is the instruction's
 throughput, not the table's size (a 2 KB table gathered as slowly as the 256 KB one). What was
 tried instead: scalar lookups (1.8x slower), gathers interleaved with scalar lookups (no
-faster), and, on paper, an exact search in registers (exponent -> cell -> one threshold compare,
-with 256-entry byte-plane lookups by permutes): about 100 vector instructions per 64 values,
-against the gathers' ~77 cycles, so no gain to expect.
+faster), and, on paper, an exact search in registers (exponent -> cell -> threshold compare,
+with byte-plane lookups by permutes; the dynamic maps need over 256 cells for one threshold per
+cell, so 512-entry tables or two compares): about 75 vector instructions per 64 values, ~55
+cycles at Zen 4's measured permute throughput, against the four gathers' ~75: at best a quarter
+off the lookup, for a few hundred lines of hand-written IR. Not built.
 
 Half-precision tensors arrive as ``uint16`` bit patterns (numpy has no bfloat16, and numba has no
 CPU float16), with a format flag: :data:`F16` or :data:`BF16`.
