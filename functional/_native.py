@@ -124,8 +124,8 @@ def _scratch(nbytes: int) -> np.ndarray:
 
 
 def _tables(states):
-    """``(lut, table, zero_code)`` of each state list's codebook (one per list: the rules use
-    the cached dynamic maps); ``None`` for a list that is off."""
+    """``(lut, table, search, zero_code)`` of each state list's codebook (one per list: the
+    rules use the cached dynamic maps); ``None`` for a list that is off."""
     out = []
     for state in states:
         q = next((q for q in state if q is not None), None)
@@ -137,7 +137,7 @@ def _tables(states):
         t = quant_native.code_table(q.codebook)
         if t.table is None:  # not for the dynamic maps the rules use
             raise ValueError("the fused CPU kernels need a codebook with one threshold per bin")
-        out.append((t.lut, t.table, t.zero_code))
+        out.append((t.lut, t.table, t.search, t.zero_code))
     return out
 
 
@@ -159,7 +159,7 @@ def adam(
     decoupled = weight_decay != 0 and decoupled_weight_decay
     amsgrad = any(v is not None for v in max_exp_avg_sqs)
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    (m_lut, m_table, m_zero), (v_lut, v_table, v_zero) = _tables(states[:2])
+    m, v = _tables(states[:2])
     corrections, extras = {}, []  # per parameter, computed once per distinct step count
     for step_t in steps:
         step = _chunked.scalar(step_t)
@@ -172,7 +172,7 @@ def adam(
     for size, first, batch in _batches(params, grads, states, extras, block_size=block_size,
                                          stochastic=bf16_stochastic_rounding):
         _threads().run(
-            kernel, *size, *first, m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+            kernel, *size, *first, *m, *v,
             _f32(1 - lr * weight_decay if decoupled else 1.0),
             _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
             _f32(1 - beta2), _f32(eps), _f32(-1.0 if maximize else 1.0), block_size,

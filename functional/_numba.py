@@ -30,11 +30,11 @@ from ..quant._numba import (
     HELPER_OPTIONS,
     block_range,
     dequantize_run,
+    encode_run,
     fix_degenerate,
     helper,
     kernel,
     load,
-    nearest_code,
     part_blocks,
     set_scale,
     store,
@@ -138,7 +138,7 @@ def locate(b, tensor, block_starts):
 @kernel
 def adam(
     part, parts, tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
-    m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+    m_lut, m_table, m_search, m_zero, v_lut, v_table, v_search, v_zero,
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
     # States: m, v. per_tensor[t] = (1 / bias_correction2_sqrt, -lr / bias_correction1).
@@ -176,19 +176,17 @@ def adam(
             m_mag = umax(m_mag, abs_bits(mi))
             v_mag = umax(v_mag, abs_bits(vi))
         scale = set_scale(m_absmax, lb, m_mag)
-        for i in range(start, end):
-            m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
+        encode_run(m_new, m_codes, start, end, scale, m_table, m_search)
         fix_degenerate(m_codes, start, end, m_mag, m_zero)
         scale = set_scale(v_absmax, lb, v_mag)
-        for i in range(start, end):
-            v_codes[i] = nearest_code(v_new[i - start] / scale, v_table)
+        encode_run(v_new, v_codes, start, end, scale, v_table, v_search)
         fix_degenerate(v_codes, start, end, v_mag, v_zero)
 
 
 @kernel
 def adam_amsgrad(
     part, parts, tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
-    m_lut, m_table, m_zero, v_lut, v_table, v_zero,
+    m_lut, m_table, m_search, m_zero, v_lut, v_table, v_search, v_zero,
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
     # :func:`adam` with a third state, the running maximum of v (v's map), in the denominator.
@@ -230,23 +228,21 @@ def adam_amsgrad(
             v_mag = umax(v_mag, abs_bits(vi))
             vmax_mag = umax(vmax_mag, abs_bits(v_hat))
         scale = set_scale(m_absmax, lb, m_mag)
-        for i in range(start, end):
-            m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
+        encode_run(m_new, m_codes, start, end, scale, m_table, m_search)
         fix_degenerate(m_codes, start, end, m_mag, m_zero)
         scale = set_scale(v_absmax, lb, v_mag)
-        for i in range(start, end):
-            v_codes[i] = nearest_code(v_new[i - start] / scale, v_table)
+        encode_run(v_new, v_codes, start, end, scale, v_table, v_search)
         fix_degenerate(v_codes, start, end, v_mag, v_zero)
         scale = set_scale(vmax_absmax, lb, vmax_mag)
-        for i in range(start, end):
-            vmax_codes[i] = nearest_code(vmax_new[i - start] / scale, v_table)
+        encode_run(vmax_new, vmax_codes, start, end, scale, v_table, v_search)
         fix_degenerate(vmax_codes, start, end, vmax_mag, v_zero)
 
 
 @kernel
 def rmsprop(
     part, parts, tensors, block_starts, scratch, p_like, p_fmt, g_like, g_fmt,
-    sq_lut, sq_table, sq_zero, s_lut, s_table, s_zero, use_momentum, centered,
+    sq_lut, sq_table, sq_search, sq_zero, s_lut, s_table, s_search, s_zero, use_momentum,
+    centered,
     l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, block_size,
 ):  # fmt: skip
     # States: square_avg (unsigned map), momentum_buffer and grad_avg (signed map, ``s_``),
@@ -301,25 +297,22 @@ def rmsprop(
                 pi = pi + (neg_lr * gi) / avg
             store_param(p, i, pi, p_fmt, seed)
         scale = set_scale(sq_absmax, lb, sq_mag)
-        for i in range(start, end):
-            sq_codes[i] = nearest_code(sq_new[i - start] / scale, sq_table)
+        encode_run(sq_new, sq_codes, start, end, scale, sq_table, sq_search)
         fix_degenerate(sq_codes, start, end, sq_mag, sq_zero)
         if centered:
             scale = set_scale(ga_absmax, lb, ga_mag)
-            for i in range(start, end):
-                ga_codes[i] = nearest_code(ga_new[i - start] / scale, s_table)
+            encode_run(ga_new, ga_codes, start, end, scale, s_table, s_search)
             fix_degenerate(ga_codes, start, end, ga_mag, s_zero)
         if use_momentum:
             scale = set_scale(buf_absmax, lb, buf_mag)
-            for i in range(start, end):
-                buf_codes[i] = nearest_code(buf_new[i - start] / scale, s_table)
+            encode_run(buf_new, buf_codes, start, end, scale, s_table, s_search)
             fix_degenerate(buf_codes, start, end, buf_mag, s_zero)
 
 
 @kernel
 def lion(
     part, parts, tensors, block_starts, scratch, p_like, p_fmt, g_like, g_fmt,
-    m_lut, m_table, m_zero,
+    m_lut, m_table, m_search, m_zero,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, block_size,
 ):  # fmt: skip
     # State: m.
@@ -347,6 +340,5 @@ def lion(
             m_new[i - start] = mi
             m_mag = umax(m_mag, abs_bits(mi))
         scale = set_scale(m_absmax, lb, m_mag)
-        for i in range(start, end):
-            m_codes[i] = nearest_code(m_new[i - start] / scale, m_table)
+        encode_run(m_new, m_codes, start, end, scale, m_table, m_search)
         fix_degenerate(m_codes, start, end, m_mag, m_zero)

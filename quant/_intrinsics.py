@@ -1,7 +1,7 @@
 """LLVM-level building blocks of the fused CPU kernels, as numba intrinsics: bit casts, fused
 multiply-add, 32-bit integer helpers (numba widens integer arithmetic to 64 bits), raw-memory
-array views, and :func:`lookup64`, which dequantizes 64 codes without gathers where the CPU has
-AVX-512 VBMI.
+array views, :func:`lookup64`, which dequantizes 64 codes without gathers where the CPU has
+AVX-512 VBMI, and :func:`encode64`, which finds the nearest codes of 64 values the same way.
 
 An intrinsic emits its IR straight into the calling kernel, so it costs no numba compile of its
 own and LLVM sees plain instructions. Used by :mod:`eightbit.quant._numba` and
@@ -155,7 +155,8 @@ def has_vbmi(context) -> bool:
 
 
 def lookup_method() -> str:
-    """How :func:`lookup64` reads the codebook on this machine, in words."""
+    """How :func:`lookup64` and :func:`encode64` read their tables on this machine, in words
+    (without VBMI: the codebook by scalar loads, the nearest-code table by gathers)."""
     from numba.core.registry import cpu_target
 
     if has_vbmi(cpu_target.target_context):
@@ -282,3 +283,186 @@ def view(typingctx, address, size, like):
         return array._getvalue()
 
     return array_type(address, size, like), codegen
+
+
+# -- Encoding 64 values at a time without gathers ------------------------------------------
+#
+# The nearest code of y is the number of thresholds (codebook midpoints) below y. With the
+# order-preserving integer key of a float (the sign bit flipped for y >= 0, every bit for y < 0:
+# K < K' exactly when y < y'), the search is three byte lookups deep, each a 256- or 512-entry
+# table held as byte planes and read by vpermi2b, 64 values at once:
+#   row  R = (K >> 23) & 0xFF, the sign and octave of y (every value with |y| <= 1 has its own);
+#   cell g = off[R] + (the top r[R] mantissa bits of K), where r[R] is the fewest bits that put
+#        at most one threshold in each cell of the row (``_native.search_tables``);
+#   code c = count[g], the thresholds below the cell; the one threshold that may lie inside the
+#        cell is then threshold c, and one compare of the whole key settles it: c + (K > key[c]).
+# The mantissa bits are cut out by vpmultishiftqb (a per-byte shift count) and a mask; the key
+# of threshold c is read as four byte planes and compared byte by byte, most significant first.
+# C prototype on Zen 4 (one thread, data in L2): 0.34 ns per value against 0.45-0.56 ns with
+# gathers; checked against the gather table on every fp32 value with |y| <= 1 (2.1e9).
+
+# Byte offsets in the search table (``_native.search_tables``), each block 256 or 512 bytes.
+SEARCH_SHIFT, SEARCH_OFFSET, SEARCH_COUNT, SEARCH_KEYS, SEARCH_BYTES = 0, 256, 512, 1024, 2048
+_MULTISHIFT = "llvm.x86.avx512.pmultishift.qb.512"
+_SHUFFLE_BYTES = "llvm.x86.avx512.pshuf.b.512"
+
+
+def _function(builder, name, ret, args):
+    module = builder.module
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _const_bytes(values):
+    return ir.Constant(_vector(_I8, len(values)), [ir.Constant(_I8, v & 0xFF) for v in values])
+
+
+def _lut256(builder, index, tables):
+    """``tables[index]`` for 64 byte indices: ``tables`` are four 64-byte vectors (256 bytes)."""
+    v64 = _vector(_I8, 64)
+    permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
+    low = builder.call(permute, [tables[0], index, tables[1]])
+    high = builder.call(permute, [tables[2], index, tables[3]])
+    upper = builder.icmp_signed("<", index, ir.Constant(v64, [ir.Constant(_I8, 0)] * 64))
+    return builder.select(upper, high, low)
+
+
+def _search_vbmi(builder, keys, search_ptr):
+    """The 64 codes (a ``<64 x i8>``) of four ``<16 x i32>`` order-preserving keys."""
+    v64 = _vector(_I8, 64)
+    quarters = builder.bitcast(search_ptr, v64.as_pointer())
+
+    def table(offset, n=4):
+        return [builder.load(builder.gep(quarters, [ir.Constant(_I32, offset // 64 + j)]),
+                             align=1) for j in range(n)]
+
+    as_bytes = [builder.bitcast(k, v64) for k in keys]
+    # byte planes of the keys, in value order: pairs of vectors first, then the halves
+    def planes(high, low):
+        pick = [4 * j + high for j in range(32)] + [4 * j + low for j in range(32)]
+        ab = builder.shuffle_vector(as_bytes[0], as_bytes[1], _indices(pick))
+        cd = builder.shuffle_vector(as_bytes[2], as_bytes[3], _indices(pick))
+        first = builder.shuffle_vector(ab, cd, _indices(list(range(32)) + list(range(64, 96))))
+        second = builder.shuffle_vector(ab, cd,
+                                        _indices(list(range(32, 64)) + list(range(96, 128))))
+        return first, second
+
+    k3, k2 = planes(3, 2)
+    k1, k0 = planes(1, 0)
+    zero = ir.Constant(v64, [ir.Constant(_I8, 0)] * 64)
+    # R = (K >> 23) & 0xFF = 2 * K3 + (top bit of K2)
+    row = builder.add(builder.add(k3, k3),
+                      builder.zext(builder.icmp_signed("<", k2, zero), v64))
+    control = _lut256(builder, row, table(SEARCH_SHIFT))
+    offset = _lut256(builder, row, table(SEARCH_OFFSET))
+    shift = builder.and_(control, _const_bytes([7] * 64))
+    # vpmultishiftqb: byte p takes 8 bits of its quadword from bit 8 * (p % 8) + shift
+    multishift = _function(builder, _MULTISHIFT, v64, [v64, v64])
+    starts = builder.add(shift, _const_bytes([8 * (p % 8) for p in range(64)]))
+    field = builder.call(multishift, [starts, k2])
+    masks = _const_bytes(([(1 << (7 - s)) - 1 for s in range(8)] + [0] * 8) * 4)
+    shuffle = _function(builder, _SHUFFLE_BYTES, v64, [v64, v64])
+    cell = builder.add(offset, builder.and_(field, builder.call(shuffle, [masks, shift])))
+    counts = table(SEARCH_COUNT, 8)
+    upper_half = builder.icmp_signed("<", control, zero)  # the row's cells are in 256..511
+    code = builder.select(upper_half, _lut256(builder, cell, counts[4:]),
+                          _lut256(builder, cell, counts[:4]))
+    key_planes = [_lut256(builder, code, table(SEARCH_KEYS + 256 * k)) for k in range(4)]
+    above = builder.icmp_unsigned(">", k0, key_planes[0])
+    for mine, theirs in ((k1, key_planes[1]), (k2, key_planes[2]), (k3, key_planes[3])):
+        above = builder.or_(builder.icmp_unsigned(">", mine, theirs),
+                            builder.and_(builder.icmp_unsigned("==", mine, theirs), above))
+    return builder.add(code, builder.zext(above, v64))
+
+
+def _gather16(builder, table_ptr, index):
+    """``table[index]`` for a ``<16 x i32>`` of indices (llvm.masked.gather)."""
+    v16, i64 = _vector(_I32, 16), ir.IntType(64)
+    v16p = _vector(table_ptr.type, 16)
+    base = _splat(builder, builder.ptrtoint(table_ptr, i64), 16)
+    offsets = builder.shl(builder.zext(index, _vector(i64, 16)),
+                          ir.Constant(_vector(i64, 16), [ir.Constant(i64, 2)] * 16))
+    pointers = builder.inttoptr(builder.add(base, offsets), v16p)
+    mask = _vector(ir.IntType(1), 16)
+    gather = _function(builder, "llvm.masked.gather.v16i32.v16p0", v16,
+                       [v16p, _I32, mask, v16])
+    return builder.call(gather, [pointers, ir.Constant(_I32, 4),
+                                 ir.Constant(mask, [ir.Constant(ir.IntType(1), 1)] * 16),
+                                 ir.Constant(v16, ir.Undefined)])
+
+
+def _search_gather(builder, values, table_ptr):
+    """The same codes by the nearest-code table (``_numba.nearest_code``), for CPUs without
+    VBMI: entry = table[u >> 16], code = (entry + low 16 bits, flipped if negative) >> 16."""
+    v16 = _vector(_I32, 16)
+    codes = []
+    for u in values:
+        index = builder.lshr(u, ir.Constant(v16, [ir.Constant(_I32, 16)] * 16))
+        sign = builder.ashr(u, ir.Constant(v16, [ir.Constant(_I32, 31)] * 16))
+        low = builder.and_(builder.xor(u, sign),
+                           ir.Constant(v16, [ir.Constant(_I32, 0xFFFF)] * 16))
+        entry = _gather16(builder, table_ptr, index)
+        code = builder.lshr(builder.add(entry, low),
+                            ir.Constant(v16, [ir.Constant(_I32, 16)] * 16))
+        codes.append(builder.trunc(code, _vector(_I8, 16)))
+    pairs = [builder.shuffle_vector(codes[2 * j], codes[2 * j + 1], _indices(range(32)))
+             for j in (0, 1)]
+    return builder.shuffle_vector(pairs[0], pairs[1], _indices(range(64)))
+
+
+def _load_f32x16(builder, ptr, fmt, element):
+    """16 values at ``ptr`` as ``<16 x float>``: fp32, or fp16/bf16 bits (``fmt`` 1 or 2)."""
+    if element == types.float32:
+        return builder.load(builder.bitcast(ptr, _vector(_F32, 16).as_pointer()), align=4)
+    bits = builder.load(builder.bitcast(ptr, _vector(_I16, 16).as_pointer()), align=2)
+    half = builder.fpext(builder.bitcast(bits, _vector(ir.HalfType(), 16)), _vector(_F32, 16))
+    wide = builder.shl(builder.zext(bits, _vector(_I32, 16)),
+                       ir.Constant(_vector(_I32, 16), [ir.Constant(_I32, 16)] * 16))
+    brain = builder.bitcast(wide, _vector(_F32, 16))
+    is_bf16 = builder.icmp_signed("==", fmt, ir.Constant(fmt.type, 2))
+    return builder.select(is_bf16, brain, half)
+
+
+@intrinsic
+def encode64(typingctx, x, fmt, start, scale, table, search, codes, codes_start):
+    """``codes[codes_start + k] = nearest_code(x[start + k] / scale, table)`` for ``k < 64``.
+
+    ``x`` is fp32, or fp16/bf16 bits (``uint16``, format ``fmt``); ``table`` the nearest-code
+    table and ``search`` the register-search table of the same codebook
+    (``_native.code_table``). With AVX-512 VBMI the codes come from the three-level byte search
+    above; without it, from four 16-wide gathers into ``table``. The caller keeps every index in
+    bounds (no checks here).
+    """
+    if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.uint16)
+            and table.dtype == types.uint32 and search.dtype == codes.dtype == types.uint8
+            and scale == types.float32 and isinstance(fmt, types.Integer)
+            and isinstance(start, types.Integer) and isinstance(codes_start, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x_a, fmt_v, start_v, scale_v, table_a, search_a, codes_a, codes_start_v = args
+        x_ptr = builder.gep(context.make_array(sig.args[0])(context, builder, x_a).data,
+                            [start_v])
+        scale16 = _splat(builder, scale_v, 16)
+        v16 = _vector(_I32, 16)
+        values = []
+        for k in range(4):
+            ptr = builder.gep(x_ptr, [ir.Constant(_I32, 16 * k)])
+            y = builder.fdiv(_load_f32x16(builder, ptr, fmt_v, sig.args[0].dtype), scale16)
+            values.append(builder.bitcast(y, v16))
+        if has_vbmi(context):
+            keys = []
+            for u in values:
+                sign = builder.ashr(u, ir.Constant(v16, [ir.Constant(_I32, 31)] * 16))
+                flip = builder.or_(sign, ir.Constant(v16, [ir.Constant(_I32, -0x80000000)] * 16))
+                keys.append(builder.xor(u, flip))
+            search_ptr = context.make_array(sig.args[5])(context, builder, search_a).data
+            result = _search_vbmi(builder, keys, search_ptr)
+        else:
+            table_ptr = context.make_array(sig.args[4])(context, builder, table_a).data
+            result = _search_gather(builder, values, table_ptr)
+        out = builder.gep(context.make_array(sig.args[6])(context, builder, codes_a).data,
+                          [codes_start_v])
+        builder.store(result, builder.bitcast(out, _vector(_I8, 64).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(x, fmt, start, scale, table, search, codes, codes_start), codegen

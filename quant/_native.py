@@ -118,13 +118,16 @@ class CodeTable(NamedTuple):
     :func:`~eightbit.quant.create_codebook`); ``thresholds`` (ending with +inf) then serve a
     linear search instead. ``lut`` serves dequantization (``eightbit.quant._intrinsics.lookup64``):
     512 float32 slots, the 256 codebook values and then their four byte planes (1,024 bytes:
-    byte k of value c at byte ``256 * k + c``).
+    byte k of value c at byte ``256 * k + c``). ``search`` serves quantization 64 values at a
+    time (``eightbit.quant._intrinsics.encode64``, :func:`search_tables`); empty when the
+    codebook's thresholds do not fit it.
     """
 
     table: np.ndarray | None
     zero_code: np.uint8
     thresholds: np.ndarray
     lut: np.ndarray
+    search: np.ndarray
 
 
 def code_table(codebook: torch.Tensor) -> CodeTable:
@@ -148,8 +151,9 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # counts of thresholds below the bin's lowest and below its highest value, per sign
     lo = np.concatenate([np.searchsorted(mids, smallest), np.searchsorted(mids, -largest)])
     hi = np.concatenate([np.searchsorted(mids, largest), np.searchsorted(mids, -smallest)])
+    search = search_tables(mids)
     if (hi - lo).max() > 1:
-        return CodeTable(None, zero_code, thresholds, lut)
+        return CodeTable(None, zero_code, thresholds, lut, np.zeros(0, np.uint8))
     inside = thresholds[np.minimum(lo, 255)].view(np.uint32) & np.uint32(0xFFFF)
     inside[k.size :] ^= np.uint32(0xFFFF)  # negative bins compare flipped low bits
     # entry + low carries into bit 16 exactly when low > the threshold's low bits; a bin
@@ -160,7 +164,71 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
     table = np.zeros(1 << 16, dtype=np.uint32)
     table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
-    return CodeTable(table, zero_code, thresholds, lut)
+    return CodeTable(table, zero_code, thresholds, lut,
+                     np.zeros(0, np.uint8) if search is None else search)
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """The order-preserving uint32 keys of fp32 values: ``a < b`` exactly when ``key(a) <
+    key(b)`` (the sign bit flipped for positive values, every bit for negative ones)."""
+    u = values.astype(np.float32).view(np.uint32)
+    return np.where(u >> np.uint32(31) == 1, ~u, u | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def search_tables(mids: np.ndarray) -> np.ndarray | None:
+    """The register-search table of ``_intrinsics.encode64`` for sorted fp32 thresholds, or
+    ``None`` when they do not fit it.
+
+    2,048 bytes: per row R (the sign and octave of y: bits 23..30 of its key), a control byte
+    (bits 0-2: 7 minus the mantissa bits r that split the row into cells holding at most one
+    threshold; bit 7: the row's cells are 256..511) and the row's first cell (mod 256); per cell
+    (512), the number of thresholds below it; and the four byte planes of the thresholds' keys
+    (256 slots, the last a key no value exceeds). Rows without a threshold take one cell, shared
+    by neighbours with the same count. A row needing more than 7 bits, more than 512 cells, or a
+    threshold at zero (whose two keys, +0 and -0, would split equal values) make it ``None``.
+    """
+    keys = _order_keys(mids)
+    if np.any(mids == 0) or np.any(np.diff(keys.astype(np.int64)) <= 0):
+        return None
+    control, first = np.zeros(256, np.uint8), np.zeros(256, np.uint8)
+    counts = np.zeros(512, np.uint8)
+    rows = keys >> np.uint32(23)
+    used, shared = 0, (None, 0)  # cells used; (count, cell) of the last row without thresholds
+    for row in list(range(128, 256)) + list(range(128)):  # negative rows have the smaller keys
+        whole = row + 0x100 if row < 128 else row  # bits 23..31 of the row's keys
+        lowest = np.uint32(whole << 23)
+        inside = keys[rows == whole]
+        if inside.size == 0 and shared[0] == int(np.searchsorted(keys, lowest)):
+            cell, bits = shared[1], 0
+        else:
+            bits = next((r for r in range(8) if np.bincount(
+                (inside >> np.uint32(23 - r)) & np.uint32((1 << r) - 1), minlength=1).max() <= 1),
+                None)
+            if bits is None:
+                return None
+            n = 1 << bits
+            if used % 256 + n > 256:  # a row's cells stay within one half of the 512
+                used = -(-used // 256) * 256
+            cell, used = used, used + n
+            if used > 512:
+                return None
+            starts = lowest + (np.arange(n, dtype=np.uint32) << np.uint32(23 - bits))
+            counts[cell : cell + n] = np.searchsorted(keys, starts)
+        shared = (int(np.searchsorted(keys, lowest)), cell) if inside.size == 0 else (None, 0)
+        control[row], first[row] = (7 - bits) | ((cell >> 8) << 7), cell & 0xFF
+    padded = np.append(keys, np.uint32(0xFFFFFFFF))
+    planes = [(padded >> np.uint32(8 * k)).astype(np.uint8) for k in range(4)]
+    return np.concatenate([control, first, counts, *planes])
+
+
+@functools.lru_cache(maxsize=1)
+def _permutes() -> bool:
+    """Whether the kernels compile for a CPU with AVX-512 VBMI byte permutes."""
+    from numba.core.registry import cpu_target
+
+    from ._intrinsics import has_vbmi
+
+    return has_vbmi(cpu_target.target_context)
 
 
 def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
@@ -196,8 +264,10 @@ def quantize(
         run(k.quantize_scan, blocks, n, values, fmt, flat_codes, flat_absmax, t.thresholds,
             t.zero_code, block_size)
     else:
-        run(k.quantize, blocks, n, values, fmt, flat_codes, flat_absmax, t.table, t.zero_code,
-            block_size)
+        # the register search pays where the CPU permutes bytes; elsewhere the gathering loop
+        search = t.search if _permutes() else t.search[:0]
+        run(k.quantize, blocks, n, values, fmt, flat_codes, flat_absmax, t.table, search,
+            t.zero_code, block_size)
 
 
 def dequantize(

@@ -18,26 +18,26 @@ helpers are plain ``@njit`` functions that LLVM inlines (numba's IR-level ``inli
 miscompiled a nested helper call here); divisions stay in the kernels (in a helper, numba's
 zero-division check is a branch that stops vectorization); and running maxima stay uint32
 (``_intrinsics.abs_bits``, ``umax``: numba widens integer arithmetic to 64 bits, halving the
-vector width). What remains is mostly the table lookups: each gathered element costs about a
-cycle on Zen 4 (measured), more than all the rest of quantize's arithmetic. Dequantization
-therefore avoids gathers where the CPU allows (``_intrinsics.lookup64``: AVX-512 VBMI permutes);
-the nearest-code table (65,536 entries) cannot live in registers, so quantization gathers.
-Measured on Zen 4 (one thread, data in L2): the gather is 70% of quantize's loop (0.32 of 0.45
-ns per value) and 40-55% of an Adam8bit step at 16M values; its cost is the instruction's
-throughput, not the table's size (a 2 KB table gathered as slowly as the 256 KB one). What was
-tried instead: scalar lookups (1.8x slower), gathers interleaved with scalar lookups (no
-faster), and, on paper, an exact search in registers (exponent -> cell -> threshold compare,
-with byte-plane lookups by permutes; the dynamic maps need over 256 cells for one threshold per
-cell, so 512-entry tables or two compares): about 75 vector instructions per 64 values, ~55
-cycles at Zen 4's measured permute throughput, against the four gathers' ~75: at best a quarter
-off the lookup, for a few hundred lines of hand-written IR. Not built.
+vector width). What remains is mostly the table lookups: a gathered element costs about a
+cycle on Zen 4, more than all the rest of quantize's arithmetic (the gather was 70% of
+quantize's loop and 40-55% of an Adam8bit step), and its cost is the instruction's throughput,
+not the table's size (a 2 KB table gathered as slowly as the 256 KB one). So where the CPU has
+AVX-512 VBMI both directions avoid gathers: dequantization reads the codebook by byte permutes
+(``_intrinsics.lookup64``), and quantization searches for the nearest code by byte permutes too,
+64 values at a time (``_intrinsics.encode64``, :func:`encode_run`): 21% off quantize at 16M
+values, and Adam8bit's step from ~2x to ~1.6x of fused fp32 Adam, on this project's benchmark
+machine. Scalar lookups (1.8x slower than gathers) and gathers interleaved with scalar lookups
+(no faster) were tried and dropped.
 
 Half-precision tensors arrive as ``uint16`` bit patterns (numpy has no bfloat16, and numba has no
 CPU float16), with a format flag: :data:`F16` or :data:`BF16`.
 
 The nearest-code search (:func:`nearest_code`) is exact without a binary search: a table built by
 ``_native.code_table`` maps the top 16 bits of ``y`` to the count of thresholds below that bin,
-and one integer add against the one threshold inside the bin settles the code (its carry).
+and one integer add against the one threshold inside the bin settles the code (its carry). The
+register search of ``encode64`` gives the same codes (tested on every fp32 value in [-1, 1]);
+the table serves the ragged ends of blocks, CPUs without VBMI, and codebooks the search does
+not fit (``_native.search_tables``).
 (bitsandbytes' CPU quantizer uses a 65,536-bin table without that last step, which makes
 small values unreachable and turns exact zeros into non-zeros.)
 """
@@ -58,6 +58,7 @@ from ._intrinsics import (
     abs_bits,
     bits_f32,
     carry_code,
+    encode64,
     f32_bits,
     lookup64,
     umax,
@@ -232,6 +233,20 @@ def dequantize_run(codes, start, end, lut, scale, out):
 
 
 @helper
+def encode_run(values, codes, start, end, scale, table, search):
+    """``codes[i] = nearest_code(values[i - start] / scale, table)`` for ``start <= i < end``
+    (``values`` fp32): 64 values at a time by ``_intrinsics.encode64`` (``search`` is the
+    codebook's ``_native.code_table(...).search``), the rest (a ragged last block) one by one."""
+    full = start + (end - start) // uint64(64) * uint64(64)
+    if search.size == 0:
+        full = start
+    for s in range(start, full, uint64(64)):
+        encode64(values, F32, s - start, scale, table, search, codes, s)
+    for i in range(full, end):
+        codes[i] = nearest_code(values[i - start] / scale, table)
+
+
+@helper
 def part_blocks(part, parts, blocks):
     """The blocks ``[first, last)`` of part ``part`` of ``parts`` (``_threads.run``'s split)."""
     return part * blocks // parts, (part + 1) * blocks // parts
@@ -277,11 +292,13 @@ def scan_code(y, thresholds):
 
 
 @kernel
-def quantize(part, parts, x, fmt, codes, absmax, table, zero_code, block_size):
-    # Each part walks its blocks in order and computes the absmax of the next block in the same
-    # loop that encodes this one, so that the next block's reads from memory overlap this
-    # block's table lookups (the lookups, not memory, limit the encoding loop): 15% faster
-    # than one block at a time, measured at 16M values on 2 cores.
+def quantize(part, parts, x, fmt, codes, absmax, table, search, zero_code, block_size):
+    # Each part walks its blocks in order and computes the absmax of the next block while it
+    # encodes this one. With ``search`` (non-empty where the CPU has AVX-512 VBMI), 64 values
+    # at a time by register permutes (``_intrinsics.encode64``), then the next block's absmax:
+    # 21% faster than gathers at 16M values on 2 cores. Without, in one loop with the gathers,
+    # so that the next block's reads from memory overlap this block's table lookups: 15%
+    # faster than one block at a time.
     n = x.size
     first, last = part_blocks(part, parts, absmax.size)
     start, end = block_range(first, block_size, n)
@@ -295,7 +312,12 @@ def quantize(part, parts, x, fmt, codes, absmax, table, zero_code, block_size):
         # (past the part's last block: another part's first block, or empty past the end)
         ahead, ahead_end = block_range(b + 1, block_size, n)
         next_mag = uint32(0)
-        if ahead_end - ahead == end - start:
+        if ahead_end - ahead == end - start and search.size != 0:  # a full block, 64 | size
+            for s in range(start, end, uint64(64)):
+                encode64(x, fmt, s, scale, table, search, codes, s)
+            for i in range(ahead, ahead_end):
+                next_mag = umax(next_mag, abs_bits(load(x, i, fmt)))
+        elif ahead_end - ahead == end - start:
             for i in range(start, end):
                 next_mag = umax(next_mag, abs_bits(load(x, ahead + (i - start), fmt)))
                 codes[i] = nearest_code(load(x, i, fmt) / scale, table)

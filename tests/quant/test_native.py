@@ -377,6 +377,70 @@ def test_table_is_exact_for_every_bin_of_the_dynamic_map():
             assert np.array_equal(code, np.searchsorted(mids, y))
 
 
+@functools.cache
+def _sweep_kernel():
+    """A numba kernel: for every fp32 value in [0, 1] and its negative, 64 at a time, whether
+    encode64 (the register search, where the CPU has VBMI) gives nearest_code's code (the
+    table, checked above against searchsorted). Returns the mismatches and the values seen."""
+    from eightbit.quant import _numba as kernels
+    from eightbit.quant._intrinsics import encode64
+    from numba import njit
+
+    nearest_code = kernels.nearest_code
+
+    @njit(error_model="numpy", pipeline_class=kernels._KernelPipeline)
+    def sweep(table, search, stride):
+        values = np.empty(64, np.float32)
+        bits = values.view(np.uint32)
+        ours, expected = np.empty(64, np.uint8), np.empty(64, np.uint8)
+        wrong, seen = 0, 0
+        for sign in (np.uint32(0), np.uint32(0x80000000)):
+            for first in range(0, 0x3F800000 + 1, 64 * stride):
+                for j in range(64):
+                    bits[j] = np.uint32(min(first + j * stride, 0x3F800000)) | sign
+                encode64(values, 0, 0, np.float32(1.0), table, search, ours, 0)
+                for j in range(64):
+                    expected[j] = nearest_code(values[j], table)
+                for j in range(64):
+                    wrong += ours[j] != expected[j]
+                seen += 64
+        return wrong, seen
+
+    return sweep
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
+def test_the_register_search_agrees_with_the_table_on_every_fp32_value(name, signed):
+    # Every fp32 bit pattern with |y| <= 1 (2.1e9 values) for the default maps, every 7th for
+    # the others: the three-level byte search of quant._intrinsics.encode64 must give the
+    # nearest-code table's code exactly.
+    t = _native.code_table(create_codebook(name, signed=signed))
+    assert t.search.size == 2048, "every built-in codebook fits the register search"
+    stride = 1 if name == "dynamic" else 7
+    wrong, seen = _sweep_kernel()(t.table, t.search, stride)
+    assert seen >= 2 * 0x3F800000 // stride
+    assert wrong == 0
+
+
+def test_codebooks_the_register_search_cannot_serve_fall_back_to_the_table():
+    # A threshold at exactly zero (its two keys, +0 and -0, would split equal values), and
+    # octaves that each need all 128 cells (two thresholds 1.5/128 of an octave apart, in five
+    # octaves: 640 cells, more than 512): no search table, while the nearest-code table still
+    # serves both; quantize stays exact.
+    symmetric = torch.linspace(-1, 1, 256)  # the midpoint of -1/255 and 1/255 is 0.0
+    assert midpoints(symmetric).eq(0).any()
+    crowded = [2.0**-k * (1 + j * 1.5 / 128) for k in range(1, 6) for j in range(3)]
+    rest = torch.linspace(-1, -0.01, 256 - len(crowded))
+    crowded = torch.cat([rest, torch.tensor(crowded)]).sort().values
+    for codebook in (symmetric, crowded):
+        assert _native.search_tables(midpoints(codebook).numpy()) is None
+        t = _native.code_table(codebook)
+        assert t.table is not None and t.search.size == 0
+        assert_identical(with_unit_absmax(adversarial(codebook)), codebook)
+        assert_identical(torch.randn(20000), codebook)
+
+
 @pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
 def test_dequantize_reads_every_code_of_every_codebook_exactly(name, signed):
     # 64 codes per lookup (lookup64), then a ragged rest one by one: every code, in both halves
@@ -407,6 +471,11 @@ _FALLBACK = """
     absmax = torch.rand(20, generator=gen)
     out["dequantized"] = torch.empty(5000)
     _native.dequantize(codes, absmax, codebook, 256, out["dequantized"])
+    x = torch.randn(5000, generator=gen) * torch.logspace(-20, 5, 5000)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q = torch.empty(5000, dtype=torch.uint8), torch.empty(20)
+        _native.quantize(x.to(dtype), *q, codebook, 256)
+        out[f"quantized {dtype}"] = q
     for cls in (Adam8bit, Lion8bit, RMSprop8bit):
         p = torch.nn.Parameter(torch.randn(5000, generator=gen))
         opt = cls([p], lr=1e-2)
@@ -438,6 +507,11 @@ def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
         "")), str(local)], env={**os.environ, "NUMBA_CACHE_DIR": ""}, check=True, timeout=600)
     ours = torch.load(local, weights_only=True)
     assert torch.equal(ours["dequantized"], theirs["dequantized"])
+    for dtype in ("float32", "float16", "bfloat16"):
+        for mine, other in zip(ours[f"quantized torch.{dtype}"],
+                               theirs[f"quantized torch.{dtype}"], strict=True):
+            assert torch.equal(mine.isnan(), other.isnan()), dtype  # fp16 overflows to inf
+            assert torch.equal(mine.nan_to_num(), other.nan_to_num()), dtype
     for name in ("Adam8bit", "Lion8bit", "RMSprop8bit"):
         (p1, s1), (p2, s2) = ours[name], theirs[name]
         assert torch.equal(p1, p2), name
