@@ -154,14 +154,17 @@ def has_vbmi(context) -> bool:
     return all(f"+{f}" in features for f in ("avx512f", "avx512bw", "avx512vbmi"))
 
 
+def host_has_vbmi() -> bool:
+    """:func:`has_vbmi` for the CPU numba compiles the kernels for in this process."""
+    from numba.core.registry import cpu_target
+
+    return has_vbmi(cpu_target.target_context)
+
+
 def lookup_method() -> str:
     """How :func:`lookup64` and :func:`encode64` read their tables on this machine, in words
     (without VBMI: the codebook by scalar loads, the nearest-code table by gathers)."""
-    from numba.core.registry import cpu_target
-
-    if has_vbmi(cpu_target.target_context):
-        return "AVX-512 VBMI byte permutes"
-    return "scalar loads (no AVX-512 VBMI)"
+    return "AVX-512 VBMI byte permutes" if host_has_vbmi() else "scalar loads (no AVX-512 VBMI)"
 
 
 def _splat(builder, value, n):
@@ -170,25 +173,37 @@ def _splat(builder, value, n):
     return builder.shuffle_vector(one, undef, _indices([0] * n))
 
 
+def _function(builder, name, ret, args):
+    module = builder.module
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _const_bytes(values):
+    return ir.Constant(_vector(_I8, len(values)), [ir.Constant(_I8, v & 0xFF) for v in values])
+
+
+def _lut256(builder, index, tables):
+    """``tables[index]`` for 64 byte indices: ``tables`` are four 64-byte vectors (256 bytes);
+    vpermi2b reads the low 7 bits of each index, so 0..127 and 128..255 are two permutes."""
+    v64 = _vector(_I8, 64)
+    permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
+    low = builder.call(permute, [tables[0], index, tables[1]])
+    high = builder.call(permute, [tables[2], index, tables[3]])
+    upper = builder.icmp_signed("<", index, ir.Constant(v64, [ir.Constant(_I8, 0)] * 64))
+    return builder.select(upper, high, low)
+
+
 def _lookup_vbmi(builder, codes_ptr, planes_ptr):
     """The four ``<16 x float>`` codebook values of 64 codes, by byte-plane permutes."""
     v64 = _vector(_I8, 64)
     codes = builder.load(builder.bitcast(codes_ptr, v64.as_pointer()), align=1)
     codes = builder.shuffle_vector(codes, ir.Constant(v64, ir.Undefined), _indices(_LANE_ORDER))
-    upper = builder.icmp_signed("<", codes, ir.Constant(v64, [ir.Constant(_I8, 0)] * 64))
-    module = builder.module
-    permute = module.globals.get(_PERMUTE) or ir.Function(
-        module, ir.FunctionType(v64, [v64, v64, v64]), _PERMUTE
-    )
     quarters = builder.bitcast(planes_ptr, v64.as_pointer())
     planes = []
     for k in range(4):
         q = [builder.load(builder.gep(quarters, [ir.Constant(_I32, 4 * k + j)]), align=1)
              for j in range(4)]
-        # vpermi2b reads the low 7 bits of each code: codes 0..127, then 128..255
-        low = builder.call(permute, [q[0], codes, q[1]])
-        high = builder.call(permute, [q[2], codes, q[3]])
-        planes.append(builder.select(upper, high, low))
+        planes.append(_lut256(builder, codes, q))
     def interleave(a, b, per_lane, high, as_type):
         return builder.bitcast(builder.shuffle_vector(a, b, _indices(_unpack(per_lane, high))),
                                as_type)
@@ -303,28 +318,9 @@ def view(typingctx, address, size, like):
 # value with |y| <= 1.
 
 # Byte offsets in the search table (``_native.search_tables``), each block 256 or 512 bytes.
-SEARCH_SHIFT, SEARCH_OFFSET, SEARCH_COUNT, SEARCH_KEYS, SEARCH_BYTES = 0, 256, 512, 1024, 2048
+SEARCH_SHIFT, SEARCH_OFFSET, SEARCH_COUNT, SEARCH_KEYS = 0, 256, 512, 1024
 _MULTISHIFT = "llvm.x86.avx512.pmultishift.qb.512"
 _SHUFFLE_BYTES = "llvm.x86.avx512.pshuf.b.512"
-
-
-def _function(builder, name, ret, args):
-    module = builder.module
-    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name)
-
-
-def _const_bytes(values):
-    return ir.Constant(_vector(_I8, len(values)), [ir.Constant(_I8, v & 0xFF) for v in values])
-
-
-def _lut256(builder, index, tables):
-    """``tables[index]`` for 64 byte indices: ``tables`` are four 64-byte vectors (256 bytes)."""
-    v64 = _vector(_I8, 64)
-    permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
-    low = builder.call(permute, [tables[0], index, tables[1]])
-    high = builder.call(permute, [tables[2], index, tables[3]])
-    upper = builder.icmp_signed("<", index, ir.Constant(v64, [ir.Constant(_I8, 0)] * 64))
-    return builder.select(upper, high, low)
 
 
 def _search_vbmi(builder, keys, search_ptr):

@@ -151,8 +151,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # counts of thresholds below the bin's lowest and below its highest value, per sign
     lo = np.concatenate([np.searchsorted(mids, smallest), np.searchsorted(mids, -largest)])
     hi = np.concatenate([np.searchsorted(mids, largest), np.searchsorted(mids, -smallest)])
-    search = search_tables(mids)
-    if (hi - lo).max() > 1:
+    if (hi - lo).max() > 1:  # then search_tables would refuse too (a row needs 8 bits or more)
         return CodeTable(None, zero_code, thresholds, lut, np.zeros(0, np.uint8))
     inside = thresholds[np.minimum(lo, 255)].view(np.uint32) & np.uint32(0xFFFF)
     inside[k.size :] ^= np.uint32(0xFFFF)  # negative bins compare flipped low bits
@@ -164,6 +163,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
     table = np.zeros(1 << 16, dtype=np.uint32)
     table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
+    search = search_tables(mids)
     return CodeTable(table, zero_code, thresholds, lut,
                      np.zeros(0, np.uint8) if search is None else search)
 
@@ -197,8 +197,8 @@ def search_tables(mids: np.ndarray) -> np.ndarray | None:
     for row in list(range(128, 256)) + list(range(128)):  # negative rows have the smaller keys
         whole = row + 0x100 if row < 128 else row  # bits 23..31 of the row's keys
         lowest = np.uint32(whole << 23)
-        inside = keys[rows == whole]
-        if inside.size == 0 and shared[0] == int(np.searchsorted(keys, lowest)):
+        inside, below = keys[rows == whole], int(np.searchsorted(keys, lowest))
+        if inside.size == 0 and shared[0] == below:
             cell, bits = shared[1], 0
         else:
             bits = next((r for r in range(8) if np.bincount(
@@ -214,7 +214,7 @@ def search_tables(mids: np.ndarray) -> np.ndarray | None:
                 return None
             starts = lowest + (np.arange(n, dtype=np.uint32) << np.uint32(23 - bits))
             counts[cell : cell + n] = np.searchsorted(keys, starts)
-        shared = (int(np.searchsorted(keys, lowest)), cell) if inside.size == 0 else (None, 0)
+        shared = (below, cell) if inside.size == 0 else (None, 0)
         control[row], first[row] = (7 - bits) | ((cell >> 8) << 7), cell & 0xFF
     padded = np.append(keys, np.uint32(0xFFFFFFFF))
     planes = [(padded >> np.uint32(8 * k)).astype(np.uint8) for k in range(4)]
@@ -224,11 +224,9 @@ def search_tables(mids: np.ndarray) -> np.ndarray | None:
 @functools.lru_cache(maxsize=1)
 def _permutes() -> bool:
     """Whether the kernels compile for a CPU with AVX-512 VBMI byte permutes."""
-    from numba.core.registry import cpu_target
+    from ._intrinsics import host_has_vbmi
 
-    from ._intrinsics import has_vbmi
-
-    return has_vbmi(cpu_target.target_context)
+    return host_has_vbmi()
 
 
 def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
