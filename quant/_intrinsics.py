@@ -182,6 +182,11 @@ def _const_bytes(values):
     return ir.Constant(_vector(_I8, len(values)), [ir.Constant(_I8, v & 0xFF) for v in values])
 
 
+def _const_words(value, n=16):
+    """A ``<n x i32>`` constant with every element ``value``."""
+    return ir.Constant(_vector(_I32, n), [ir.Constant(_I32, value)] * n)
+
+
 def _lut256(builder, index, tables):
     """``tables[index]`` for 64 byte indices: ``tables`` are four 64-byte vectors (256 bytes);
     vpermi2b reads the low 7 bits of each index, so 0..127 and 128..255 are two permutes."""
@@ -189,7 +194,7 @@ def _lut256(builder, index, tables):
     permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
     low = builder.call(permute, [tables[0], index, tables[1]])
     high = builder.call(permute, [tables[2], index, tables[3]])
-    upper = builder.icmp_signed("<", index, ir.Constant(v64, [ir.Constant(_I8, 0)] * 64))
+    upper = builder.icmp_signed("<", index, _const_bytes([0] * 64))
     return builder.select(upper, high, low)
 
 
@@ -345,7 +350,7 @@ def _search_vbmi(builder, keys, search_ptr):
 
     k3, k2 = planes(3, 2)
     k1, k0 = planes(1, 0)
-    zero = ir.Constant(v64, [ir.Constant(_I8, 0)] * 64)
+    zero = _const_bytes([0] * 64)
     # R = (K >> 23) & 0xFF = 2 * K3 + (top bit of K2)
     row = builder.add(builder.add(k3, k3),
                       builder.zext(builder.icmp_signed("<", k2, zero), v64))
@@ -390,16 +395,13 @@ def _gather16(builder, table_ptr, index):
 def _search_gather(builder, values, table_ptr):
     """The same codes by the nearest-code table (``_numba.nearest_code``), for CPUs without
     VBMI: entry = table[u >> 16], code = (entry + low 16 bits, flipped if negative) >> 16."""
-    v16 = _vector(_I32, 16)
     codes = []
     for u in values:
-        index = builder.lshr(u, ir.Constant(v16, [ir.Constant(_I32, 16)] * 16))
-        sign = builder.ashr(u, ir.Constant(v16, [ir.Constant(_I32, 31)] * 16))
-        low = builder.and_(builder.xor(u, sign),
-                           ir.Constant(v16, [ir.Constant(_I32, 0xFFFF)] * 16))
+        index = builder.lshr(u, _const_words(16))
+        sign = builder.ashr(u, _const_words(31))
+        low = builder.and_(builder.xor(u, sign), _const_words(0xFFFF))
         entry = _gather16(builder, table_ptr, index)
-        code = builder.lshr(builder.add(entry, low),
-                            ir.Constant(v16, [ir.Constant(_I32, 16)] * 16))
+        code = builder.lshr(builder.add(entry, low), _const_words(16))
         codes.append(builder.trunc(code, _vector(_I8, 16)))
     pairs = [builder.shuffle_vector(codes[2 * j], codes[2 * j + 1], _indices(range(32)))
              for j in (0, 1)]
@@ -412,8 +414,7 @@ def _load_f32x16(builder, ptr, fmt, element):
         return builder.load(builder.bitcast(ptr, _vector(_F32, 16).as_pointer()), align=4)
     bits = builder.load(builder.bitcast(ptr, _vector(_I16, 16).as_pointer()), align=2)
     half = builder.fpext(builder.bitcast(bits, _vector(ir.HalfType(), 16)), _vector(_F32, 16))
-    wide = builder.shl(builder.zext(bits, _vector(_I32, 16)),
-                       ir.Constant(_vector(_I32, 16), [ir.Constant(_I32, 16)] * 16))
+    wide = builder.shl(builder.zext(bits, _vector(_I32, 16)), _const_words(16))
     brain = builder.bitcast(wide, _vector(_F32, 16))
     is_bf16 = builder.icmp_signed("==", fmt, ir.Constant(fmt.type, 2))
     return builder.select(is_bf16, brain, half)
@@ -449,8 +450,8 @@ def encode64(typingctx, x, fmt, start, scale, table, search, codes, codes_start)
         if has_vbmi(context):
             keys = []
             for u in values:
-                sign = builder.ashr(u, ir.Constant(v16, [ir.Constant(_I32, 31)] * 16))
-                flip = builder.or_(sign, ir.Constant(v16, [ir.Constant(_I32, -0x80000000)] * 16))
+                sign = builder.ashr(u, _const_words(31))
+                flip = builder.or_(sign, _const_words(-0x80000000))
                 keys.append(builder.xor(u, flip))
             search_ptr = context.make_array(sig.args[5])(context, builder, search_a).data
             result = _search_vbmi(builder, keys, search_ptr)
