@@ -179,19 +179,27 @@ def search_tables(mids: np.ndarray) -> np.ndarray | None:
     """The register-search table of ``_intrinsics.encode64`` for sorted fp32 thresholds, or
     ``None`` when they do not fit it.
 
-    2,048 bytes: per row R (the sign and octave of y: bits 23..30 of its key), a control byte
-    (bits 0-2: 7 minus the mantissa bits r that split the row into cells holding at most one
-    threshold; bit 7: the row's cells are 256..511) and the row's first cell (mod 256); per cell
-    (512), the number of thresholds below it; and the four byte planes of the thresholds' keys
-    (256 slots, the last a key no value exceeds). Rows without a threshold take one cell, shared
-    by neighbours with the same count. A row needing more than 7 bits, more than 512 cells, or a
-    threshold at zero (whose two keys, +0 and -0, would split equal values) make it ``None``.
+    1,536 bytes. Per row (the sign and octave of y: bits 23..31 of its key; the 128 octaves
+    from 2**-62 to 1 of each sign, in the order ``_intrinsics.SEARCH_ROWS`` reads them, the
+    smaller octaves sharing the row of 2**-62): a control byte (bits 0-2: 7 minus the mantissa
+    bits r that split the row into cells holding at most one threshold; bit 6: the row holds no
+    threshold; bit 7: the row's cells are 256..511) and the row's first cell (mod 256). Per
+    cell (512), the index j of the threshold the value is compared with: the one inside the
+    cell, else the row's next one, else (the cells past the row's last threshold) that last
+    one, so that the compare never leaves the row; the code is ``j + (y > threshold j)``, and
+    in a row without thresholds j is the count below the row and the compare is skipped. Then
+    the three low byte planes of the thresholds' keys (256 slots): within a row the top byte
+    is the same for every key. Rows without a threshold take one cell, shared by neighbours
+    with the same count. A row needing more than 7 bits, more than 512 cells, a threshold at
+    zero (whose two keys, +0 and -0, would split equal values) or one below 2**-62 in
+    magnitude (inside the shared row) make it ``None``.
     """
     keys = _order_keys(mids)
-    if np.any(mids == 0) or np.any(np.diff(keys.astype(np.int64)) <= 0):
+    if (keys.size > 255 or np.any(np.abs(mids) < np.float32(2.0**-62))
+            or np.any(np.diff(keys.astype(np.int64)) <= 0)):
         return None
     control, first = np.zeros(256, np.uint8), np.zeros(256, np.uint8)
-    counts = np.zeros(512, np.uint8)
+    compare_with = np.zeros(512, np.uint8)
     rows = keys >> np.uint32(23)
     used, shared = 0, (None, 0)  # cells used; (count, cell) of the last row without thresholds
     for row in list(range(128, 256)) + list(range(128)):  # negative rows have the smaller keys
@@ -213,12 +221,24 @@ def search_tables(mids: np.ndarray) -> np.ndarray | None:
             if used > 512:
                 return None
             starts = lowest + (np.arange(n, dtype=np.uint32) << np.uint32(23 - bits))
-            counts[cell : cell + n] = np.searchsorted(keys, starts)
+            j = np.searchsorted(keys, starts)  # the thresholds below each cell
+            if inside.size:  # past the row's last threshold: compare with that one
+                j = np.where(starts > inside[-1], j - 1, j)
+            compare_with[cell : cell + n] = j
         shared = (below, cell) if inside.size == 0 else (None, 0)
-        control[row], first[row] = (7 - bits) | ((cell >> 8) << 7), cell & 0xFF
-    padded = np.append(keys, np.uint32(0xFFFFFFFF))
-    planes = [(padded >> np.uint32(8 * k)).astype(np.uint8) for k in range(4)]
-    return np.concatenate([control, first, counts, *planes])
+        empty = 0x40 if inside.size == 0 else 0
+        control[row], first[row] = (7 - bits) | empty | ((cell >> 8) << 7), cell & 0xFF
+    planes = np.zeros((3, 256), np.uint8)  # slots past the last threshold: never compared
+    for k in range(3):
+        planes[k, : keys.size] = keys >> np.uint32(8 * k)
+    return np.concatenate([control[SEARCH_ROWS], first[SEARCH_ROWS], compare_with,
+                           planes.reshape(-1)])
+
+
+# The rows in the order encode64 reads them: it clamps the row R to 64..191 (R < 64 and
+# R > 191 are the octaves below 2**-62 of either sign) and looks up its low 7 bits, so
+# position p holds row 128 + p (negative octaves) for p < 64 and row p (positive) after.
+SEARCH_ROWS = np.r_[128:192, 64:128]
 
 
 @functools.lru_cache(maxsize=1)

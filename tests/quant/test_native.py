@@ -416,11 +416,94 @@ def test_the_register_search_agrees_with_the_table_on_every_fp32_value(name, sig
     # the others: the three-level byte search of quant._intrinsics.encode64 must give the
     # nearest-code table's code exactly.
     t = _native.code_table(create_codebook(name, signed=signed))
-    assert t.search.size == 2048, "every built-in codebook fits the register search"
+    assert t.search.size == 1536, "every built-in codebook fits the register search"
     stride = 1 if name == "dynamic" else 7
     wrong, seen = _sweep_kernel()(t.table, t.search, stride)
     assert seen >= 2 * 0x3F800000 // stride
     assert wrong == 0
+
+
+def _structured_codebook(seed: int) -> torch.Tensor:
+    """256 increasing values with the register search's edge cases: octaves crowded with codes
+    (rows split into many cells), octaves with one code, empty octaves between them (rows
+    without thresholds, whose neighbours' last cells compare across a gap), thresholds exactly
+    at powers of two (values at 0.75 and 1.25 of one) and on cell edges (values on a
+    power-of-two grid), different octaves on each side of zero, and zero. Drawn again until the
+    register search fits them (at most 512 cells; the first draw does for these seeds)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        sides = []
+        for size in (127, 128):
+            octaves = rng.choice(np.arange(-40, 0), size=12, replace=False)
+            weights = 0.5 ** np.arange(12)  # half of the values in one octave, a quarter ...
+            values = set()
+            for octave, per in zip(octaves, rng.multinomial(size - 12, weights / weights.sum())
+                                   + 1, strict=True):
+                slots = 2 ** int(np.ceil(np.log2(per)))  # thresholds on a 1/(2 slots) grid
+                grid = rng.choice(slots, size=per, replace=False) / slots
+                values.update(float(1 + m) * 2.0**octave for m in grid)
+                if rng.random() < 0.3:
+                    values.update((0.75 * 2.0**octave, 1.25 * 2.0**octave))
+            values = sorted(values)
+            sides.append(rng.choice(values, size=size, replace=False) if len(values) >= size
+                         else None)
+        if sides[0] is None or sides[1] is None:
+            continue
+        codebook = np.sort(np.concatenate([-sides[0], [0.0], sides[1]])).astype(np.float32)
+        if np.unique(codebook).size == 256 and _native.search_tables(
+                midpoints(torch.from_numpy(codebook)).numpy()) is not None:
+            return torch.from_numpy(codebook)
+    return None
+
+
+@functools.cache
+def _encode_kernel():
+    """A numba kernel: ``codes[i]`` = encode64's code of ``values[i]`` (y = values / 1), 64 at
+    a time; the caller pads to a multiple of 64."""
+    from eightbit.quant import _numba as kernels
+    from eightbit.quant._intrinsics import encode64
+    from numba import njit
+
+    @njit(error_model="numpy", pipeline_class=kernels._KernelPipeline)
+    def encode(values, table, search, codes):
+        for s in range(0, values.size, 64):
+            encode64(values, 0, s, np.float32(1.0), table, search, codes, s)
+
+    return encode
+
+
+def _edge_values(mids: np.ndarray) -> np.ndarray:
+    """Every threshold and its neighbours 3 keys either way, the first and last values of every
+    16-bit-prefix bin (every cell edge of the search: a row splits at most 7 mantissa bits
+    deep), both signs, and a sweep of every 997th fp32 value in [-1, 1]."""
+    t = mids.view(np.uint32).astype(np.int64)
+    near = (t[:, None] + np.arange(-3, 4)[None, :]).reshape(-1)
+    k = np.arange((0x3F800000 >> 16) + 1, dtype=np.int64) << 16
+    sweep = np.arange(0, 0x3F800000 + 1, 997, dtype=np.int64)
+    magnitudes = np.concatenate([near & 0x7FFFFFFF, k, k | 0xFFFF, sweep]).astype(np.uint32)
+    values = magnitudes.view(np.float32)
+    values = values[np.abs(values) <= 1]
+    values = np.concatenate([values, -values])
+    return np.concatenate([values, np.zeros((-values.size) % 64, np.float32)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_register_search_is_exact_on_structured_codebooks(seed):
+    # Against np.searchsorted (an independent oracle: the number of thresholds below y), on the
+    # values where the search could go wrong, for codebooks built to exercise its edge cases.
+    codebook = _structured_codebook(seed)
+    assert codebook is not None
+    mids = midpoints(codebook).numpy()
+    t = _native.code_table(codebook)
+    assert t.search.size == 1536, "the structured codebooks fit the register search"
+    values = _edge_values(mids)
+    codes = np.empty(values.size, np.uint8)
+    _encode_kernel()(values, t.table, t.search, codes)
+    expected = np.searchsorted(mids, values, side="left")
+    wrong = np.flatnonzero(codes != expected)
+    assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
+    assert_identical(with_unit_absmax(torch.from_numpy(values)), codebook)
+    assert_identical(torch.randn(50_000) * 10.0 ** torch.randint(-12, 1, (50_000,)), codebook)
 
 
 def test_codebooks_the_register_search_cannot_serve_fall_back_to_the_table():
