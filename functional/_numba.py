@@ -24,7 +24,7 @@ import numpy as np
 from numba import types, uint32, uint64
 from numba.extending import overload
 
-from ..quant._intrinsics import abs_bits, f32_bits, fma, umax, view
+from ..quant._intrinsics import abs_bits, f32_bits, fma, prefetch, umax, view
 from ..quant._numba import (
     BF16,
     HELPER_OPTIONS,
@@ -36,7 +36,6 @@ from ..quant._numba import (
     kernel,
     load,
     part_blocks,
-    prefetch_block,
     set_scale,
     store,
 )
@@ -162,10 +161,11 @@ def adam(
         inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        prefetch_block(p, start, block_size)
-        prefetch_block(g, start, block_size)
-        prefetch_block(m_codes, start, block_size)
-        prefetch_block(v_codes, start, block_size)
+        ahead = start + uint64(2 * block_size)  # the block after next
+        prefetch(p, ahead, block_size)
+        prefetch(g, ahead, block_size)
+        prefetch(m_codes, ahead, block_size)
+        prefetch(v_codes, ahead, block_size)
         dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
         dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
         m_mag, v_mag = uint32(0), uint32(0)
@@ -215,11 +215,12 @@ def adam_amsgrad(
         inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        prefetch_block(p, start, block_size)
-        prefetch_block(g, start, block_size)
-        prefetch_block(m_codes, start, block_size)
-        prefetch_block(v_codes, start, block_size)
-        prefetch_block(vmax_codes, start, block_size)
+        ahead = start + uint64(2 * block_size)  # the block after next
+        prefetch(p, ahead, block_size)
+        prefetch(g, ahead, block_size)
+        prefetch(m_codes, ahead, block_size)
+        prefetch(v_codes, ahead, block_size)
+        prefetch(vmax_codes, ahead, block_size)
         dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
         dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
         dequantize_run(vmax_codes, start, end, v_lut, vmax_absmax[lb], vmax_new)
@@ -277,15 +278,16 @@ def rmsprop(
         ga_absmax = view(tensors[t, STATES + 5], blocks_of_n, np.float32)
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        prefetch_block(p, start, block_size)
-        prefetch_block(g, start, block_size)
-        prefetch_block(sq_codes, start, block_size)
+        ahead = start + uint64(2 * block_size)  # the block after next
+        prefetch(p, ahead, block_size)
+        prefetch(g, ahead, block_size)
+        prefetch(sq_codes, ahead, block_size)
         dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[lb], sq_new)
         if centered:
-            prefetch_block(ga_codes, start, block_size)
+            prefetch(ga_codes, ahead, block_size)
             dequantize_run(ga_codes, start, end, s_lut, ga_absmax[lb], ga_new)
         if use_momentum:
-            prefetch_block(buf_codes, start, block_size)
+            prefetch(buf_codes, ahead, block_size)
             dequantize_run(buf_codes, start, end, s_lut, buf_absmax[lb], buf_new)
         sq_mag, buf_mag, ga_mag = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
@@ -343,9 +345,10 @@ def lion(
         m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        prefetch_block(p, start, block_size)
-        prefetch_block(g, start, block_size)
-        prefetch_block(m_codes, start, block_size)
+        ahead = start + uint64(2 * block_size)  # the block after next
+        prefetch(p, ahead, block_size)
+        prefetch(g, ahead, block_size)
+        prefetch(m_codes, ahead, block_size)
         dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
         m_mag = uint32(0)
         for i in range(start, end):
