@@ -34,6 +34,7 @@ from ..quant._numba import (
     fix_degenerate,
     helper,
     kernel,
+    leaf,
     load,
     part_blocks,
     set_scale,
@@ -74,7 +75,7 @@ def _store_param(p, i, value, fmt, seed):
     return impl
 
 
-@helper
+@leaf
 def lerp(start, end, weight):
     """torch.lerp's CPU formula (exact at both ends; fused multiply-add). The branch on the
     (loop-invariant) weight is written as selects, so the element loop has none."""
@@ -83,7 +84,7 @@ def lerp(start, end, weight):
     return fma(w, end - start, start if small else end)
 
 
-@helper
+@leaf
 def maximum(a, b):
     """torch.maximum: NaN if either is NaN."""
     return a if (a > b or a != a) else b
@@ -100,7 +101,7 @@ def adam_element(p, g, m, v, decay, l2, beta1_weight, beta2, one_minus_beta2):
     return p, m, v
 
 
-@helper
+@leaf
 def adam_denom(v_hat, inv_bc2_sqrt, eps):
     """Adam's denominator ``sqrt(v_hat) / bc2_sqrt + eps``, as a multiply by the rounded
     reciprocal fused with ``+ eps`` (one rounding each way, as torch's division and addition are
@@ -127,7 +128,7 @@ P, G, NUMEL, SEED, STATES = 0, 1, 2, 3, 4
 SCRATCH = 3 * 4
 
 
-@helper
+@leaf
 def locate(b, tensor, block_starts):
     """The parameter holding block ``b`` of the concatenation, searching on from ``tensor``."""
     while b >= block_starts[tensor + 1]:
