@@ -180,7 +180,7 @@ def search_tables(mids: np.ndarray) -> np.ndarray | None:
     ``None`` when they do not fit it.
 
     1,536 bytes. Per row (the sign and octave of y: bits 23..31 of its key; the 128 octaves
-    from 2**-62 to 1 of each sign, in the order ``_intrinsics.SEARCH_ROWS`` reads them, the
+    from 2**-62 to 1 of each sign, in the order encode64 reads them (:data:`SEARCH_ROWS`), the
     smaller octaves sharing the row of 2**-62): a control byte (bits 0-2: 7 minus the mantissa
     bits r that split the row into cells holding at most one threshold; bit 6: the row holds no
     threshold; bit 7: the row's cells are 256..511) and the row's first cell (mod 256). Per
