@@ -507,16 +507,20 @@ def test_the_register_search_is_exact_on_structured_codebooks(seed):
 
 
 def test_codebooks_the_register_search_cannot_serve_fall_back_to_the_table():
-    # A threshold at exactly zero (its two keys, +0 and -0, would split equal values), and
+    # A threshold at exactly zero (its two keys, +0 and -0, would split equal values),
     # octaves that each need all 128 cells (two thresholds 1.5/128 of an octave apart, in five
-    # octaves: 640 cells, more than 512): no search table, while the nearest-code table still
-    # serves both; quantize stays exact.
+    # octaves: 640 cells, more than 512), and a threshold below 2**-62: no search table, while
+    # the nearest-code table still serves them; quantize stays exact.
     symmetric = torch.linspace(-1, 1, 256)  # the midpoint of -1/255 and 1/255 is 0.0
     assert midpoints(symmetric).eq(0).any()
     crowded = [2.0**-k * (1 + j * 1.5 / 128) for k in range(1, 6) for j in range(3)]
     rest = torch.linspace(-1, -0.01, 256 - len(crowded))
     crowded = torch.cat([rest, torch.tensor(crowded)]).sort().values
-    for codebook in (symmetric, crowded):
+    # a threshold below 2**-62 (2**-71, between 0 and 2**-70): inside the row that the search
+    # shares among all octaves below 2**-62
+    tiny = torch.cat([torch.linspace(-1, -0.01, 127), torch.tensor([0.0, 2.0**-70]),
+                      torch.linspace(0.01, 1, 127)])
+    for codebook in (symmetric, crowded, tiny):
         assert _native.search_tables(midpoints(codebook).numpy()) is None
         t = _native.code_table(codebook)
         assert t.table is not None and t.search.size == 0
