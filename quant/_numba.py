@@ -29,9 +29,10 @@ Zen 4 benchmark machine: the search costs 0.18 ns per value against the gather's
 thread, data in L2). Then memory: with the hardware prefetcher alone the kernels waited on it at
 16M values, so they ask for their input ahead (``_intrinsics.prefetch``). With both, quantize
 at 16M values runs at 54-73% of a copy's bandwidth (38% with gathers), and an Adam8bit step at
-1.5-1.7x of fused fp32 Adam (1.75-2.10x with gathers; ``make bench``). Scalar lookups (1.8x
-slower than gathers) and gathers interleaved with scalar lookups (no faster) were tried and
-dropped.
+1.5-2.2x of fused fp32 Adam (1.75-2.10x with gathers; ``make bench``: fused Adam is bound by
+memory, these kernels by compute, so the ratio follows the machine's memory speed that day).
+Scalar lookups (1.8x slower than gathers) and gathers interleaved with scalar lookups (no
+faster) were tried and dropped.
 
 Half-precision tensors arrive as ``uint16`` bit patterns (numpy has no bfloat16, and numba has no
 CPU float16), with a format flag: :data:`F16` or :data:`BF16`.
