@@ -187,13 +187,17 @@ def _const_words(value, n=16):
     return ir.Constant(_vector(_I32, n), [ir.Constant(_I32, value)] * n)
 
 
+def _lut128(builder, index, tables):
+    """``tables[index & 127]`` for 64 byte indices: two 64-byte vectors, one vpermi2b."""
+    v64 = _vector(_I8, 64)
+    permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
+    return builder.call(permute, [tables[0], index, tables[1]])
+
+
 def _lut256(builder, index, tables):
     """``tables[index]`` for 64 byte indices: ``tables`` are four 64-byte vectors (256 bytes);
     vpermi2b reads the low 7 bits of each index, so 0..127 and 128..255 are two permutes."""
-    v64 = _vector(_I8, 64)
-    permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
-    low = builder.call(permute, [tables[0], index, tables[1]])
-    high = builder.call(permute, [tables[2], index, tables[3]])
+    low, high = _lut128(builder, index, tables[:2]), _lut128(builder, index, tables[2:])
     upper = builder.icmp_signed("<", index, _const_bytes([0] * 64))
     return builder.select(upper, high, low)
 
@@ -364,13 +368,6 @@ def view(typingctx, address, size, like):
 SEARCH_CONTROL, SEARCH_FIRST, SEARCH_COMPARE, SEARCH_KEYS = 0, 128, 256, 768
 _MULTISHIFT = "llvm.x86.avx512.pmultishift.qb.512"
 _SHUFFLE_BYTES = "llvm.x86.avx512.pshuf.b.512"
-
-
-def _lut128(builder, index, tables):
-    """``tables[index & 127]`` for 64 byte indices: two 64-byte vectors, one vpermi2b."""
-    v64 = _vector(_I8, 64)
-    permute = _function(builder, _PERMUTE, v64, [v64, v64, v64])
-    return builder.call(permute, [tables[0], index, tables[1]])
 
 
 def _search_vbmi(builder, values, search_ptr):
