@@ -472,18 +472,17 @@ def _encode_kernel():
     return encode
 
 
-def _edge_values(mids: np.ndarray) -> np.ndarray:
-    """Every threshold and its neighbours 3 keys either way, the first and last values of every
-    16-bit-prefix bin (every cell edge of the search: a row splits at most 7 mantissa bits
-    deep), both signs, and a sweep of every 997th fp32 value in [-1, 1]."""
-    t = mids.view(np.uint32).astype(np.int64)
-    near = (t[:, None] + np.arange(-3, 4)[None, :]).reshape(-1)
-    k = np.arange((0x3F800000 >> 16) + 1, dtype=np.int64) << 16
+def _edge_values(codebook: torch.Tensor) -> np.ndarray:
+    """:func:`adversarial`'s values (every threshold and its neighbours two ulps either way,
+    both edges of every 16-bit-prefix bin, which are every cell edge of the search: a row
+    splits at most 7 mantissa bits deep), the thresholds' third neighbours, and every 997th
+    fp32 value in [-1, 1], both signs; zeros pad them to a multiple of 64."""
+    t = midpoints(codebook).numpy().view(np.uint32).astype(np.int64)
+    third = (t[:, None] + np.array([-3, 3])[None, :]).reshape(-1)
     sweep = np.arange(0, 0x3F800000 + 1, 997, dtype=np.int64)
-    magnitudes = np.concatenate([near & 0x7FFFFFFF, k, k | 0xFFFF, sweep]).astype(np.uint32)
-    values = magnitudes.view(np.float32)
-    values = values[np.abs(values) <= 1]
-    values = np.concatenate([values, -values])
+    more = np.concatenate([third & 0x7FFFFFFF, sweep]).astype(np.uint32).view(np.float32)
+    more = more[np.abs(more) <= 1]
+    values = np.concatenate([adversarial(codebook).numpy(), more, -more])
     return np.concatenate([values, np.zeros((-values.size) % 64, np.float32)])
 
 
@@ -496,7 +495,7 @@ def test_the_register_search_is_exact_on_structured_codebooks(seed):
     mids = midpoints(codebook).numpy()
     t = _native.code_table(codebook)
     assert t.search.size == 1536, "the structured codebooks fit the register search"
-    values = _edge_values(mids)
+    values = _edge_values(codebook)
     codes = np.empty(values.size, np.uint8)
     _encode_kernel()(values, t.table, t.search, codes)
     expected = np.searchsorted(mids, values, side="left")
