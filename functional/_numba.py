@@ -24,7 +24,7 @@ import numpy as np
 from numba import types, uint32, uint64
 from numba.extending import overload
 
-from ..quant._intrinsics import abs_bits, f32_bits, fma, prefetch, umax, view
+from ..quant._intrinsics import abs_bits, f32_bits, fma, umax, view
 from ..quant._numba import (
     BF16,
     HELPER_OPTIONS,
@@ -162,11 +162,6 @@ def adam(
         inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        ahead = start + uint64(2 * block_size)  # the block after next
-        prefetch(p, ahead, block_size)
-        prefetch(g, ahead, block_size)
-        prefetch(m_codes, ahead, block_size)
-        prefetch(v_codes, ahead, block_size)
         dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
         dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
         m_mag, v_mag = uint32(0), uint32(0)
@@ -216,12 +211,6 @@ def adam_amsgrad(
         inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        ahead = start + uint64(2 * block_size)  # the block after next
-        prefetch(p, ahead, block_size)
-        prefetch(g, ahead, block_size)
-        prefetch(m_codes, ahead, block_size)
-        prefetch(v_codes, ahead, block_size)
-        prefetch(vmax_codes, ahead, block_size)
         dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
         dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
         dequantize_run(vmax_codes, start, end, v_lut, vmax_absmax[lb], vmax_new)
@@ -279,16 +268,10 @@ def rmsprop(
         ga_absmax = view(tensors[t, STATES + 5], blocks_of_n, np.float32)
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        ahead = start + uint64(2 * block_size)  # the block after next
-        prefetch(p, ahead, block_size)
-        prefetch(g, ahead, block_size)
-        prefetch(sq_codes, ahead, block_size)
         dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[lb], sq_new)
         if centered:
-            prefetch(ga_codes, ahead, block_size)
             dequantize_run(ga_codes, start, end, s_lut, ga_absmax[lb], ga_new)
         if use_momentum:
-            prefetch(buf_codes, ahead, block_size)
             dequantize_run(buf_codes, start, end, s_lut, buf_absmax[lb], buf_new)
         sq_mag, buf_mag, ga_mag = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
@@ -346,10 +329,6 @@ def lion(
         m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        ahead = start + uint64(2 * block_size)  # the block after next
-        prefetch(p, ahead, block_size)
-        prefetch(g, ahead, block_size)
-        prefetch(m_codes, ahead, block_size)
         dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
         m_mag = uint32(0)
         for i in range(start, end):
