@@ -1,8 +1,9 @@
 """Numba kernels of the fused CPU update rules: one pass per block, in parallel over blocks.
 
-For each block a kernel dequantizes the states (64 codes per lookup, ``quant._intrinsics.lookup64``)
-into a block-sized scratch buffer, applies the rule in fp32 registers, writes the parameter,
-keeps the fresh states and their absmax in the scratch buffer, and then requantizes them.
+For each block a kernel dequantizes the states (64 codes per lookup,
+``quant._intrinsics.dequantize_run``) into a block-sized scratch buffer, applies the rule in fp32
+registers, writes the parameter, keeps the fresh states and their absmax in the scratch buffer,
+and then requantizes them (``quant._numba.requantize``, one call per state and block).
 Parameters, gradients and codes are read and written once per step. One call serves any number
 of parameters (a table of addresses, below): many small parameters cost one threaded call.
 
@@ -24,20 +25,19 @@ import numpy as np
 from numba import types, uint32, uint64
 from numba.extending import overload
 
-from ..quant._intrinsics import abs_bits, f32_bits, fma, umax, view
+from ..quant._intrinsics import abs_bits, dequantize_run, f32_bits, fma, umax, view
 from ..quant._numba import (
     BF16,
     HELPER_OPTIONS,
+    address,
     block_range,
-    dequantize_run,
-    encode_run,
-    fix_degenerate,
+    book,
     helper,
     kernel,
     leaf,
     load,
     part_blocks,
-    set_scale,
+    requantize,
     store,
 )
 
@@ -136,18 +136,27 @@ def locate(b, tensor, block_starts):
     return tensor
 
 
+# Each kernel dequantizes and requantizes its states in loops over them (``k``: the state's
+# column pair in the table, and its scratch buffer at ``buffers + 4 * block_size * k``), so
+# that ``dequantize_run``, an intrinsic whose loops are emitted where it is called, appears once
+# in a kernel: every copy is more code for LLVM to compile on first use.
+
+
 @kernel
 def adam(
     part, parts, tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like, g_fmt,
     m_lut, m_table, m_search, m_zero, v_lut, v_table, v_search, v_zero,
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
-    # States: m, v. per_tensor[t] = (1 / bias_correction2_sqrt, -lr / bias_correction1).
-    # AMSGrad is the separate kernel below: one kernel for both compiled slower on first use
-    # (0.5 s with a run-time flag; 0.2 s with a None argument that numba prunes), and the
-    # loops must sit in the kernels to vectorize.
-    m_new = view(scratch + SCRATCH * block_size * part, block_size, np.float32)
-    v_new = view(scratch + SCRATCH * block_size * part + 4 * block_size, block_size, np.float32)
+    # States: m (k = 0, signed map), v (k = 1). per_tensor[t] = (1 / bias_correction2_sqrt,
+    # -lr / bias_correction1). AMSGrad is the separate kernel below: one kernel for both
+    # compiled slower on first use (0.5 s with a run-time flag; 0.2 s with a None argument that
+    # numba prunes), and the loops must sit in the kernels to vectorize.
+    buffers = scratch + SCRATCH * block_size * part
+    m_new = view(buffers, block_size, np.float32)
+    v_new = view(buffers + 4 * block_size, block_size, np.float32)
+    m_lut_at, v_lut_at = address(m_lut), address(v_lut)
+    m_book, v_book = book(m_table, m_search, m_zero), book(v_table, v_search, v_zero)
     first, last = part_blocks(part, parts, block_starts[-1])
     t = np.int64(0)
     for b in range(first, last):
@@ -155,15 +164,14 @@ def adam(
         n = tensors[t, NUMEL]
         blocks_of_n = (n + block_size - 1) // block_size
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-        m_codes = view(tensors[t, STATES], n, np.uint8)
-        m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
-        v_codes = view(tensors[t, STATES + 2], n, np.uint8)
-        v_absmax = view(tensors[t, STATES + 3], blocks_of_n, np.float32)
         inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
-        dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
+        for k in range(2):
+            absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
+            dequantize_run(tensors[t, STATES + 2 * k], start, end,
+                           m_lut_at if k == 0 else v_lut_at, absmax[lb],
+                           buffers + 4 * block_size * k)
         m_mag, v_mag = uint32(0), uint32(0)
         for i in range(start, end):
             pi, mi, vi = adam_element(
@@ -176,12 +184,10 @@ def adam(
             m_new[i - start], v_new[i - start] = mi, vi
             m_mag = umax(m_mag, abs_bits(mi))
             v_mag = umax(v_mag, abs_bits(vi))
-        scale = set_scale(m_absmax, lb, m_mag)
-        encode_run(m_new, m_codes, start, end, scale, m_table, m_search)
-        fix_degenerate(m_codes, start, end, m_mag, m_zero)
-        scale = set_scale(v_absmax, lb, v_mag)
-        encode_run(v_new, v_codes, start, end, scale, v_table, v_search)
-        fix_degenerate(v_codes, start, end, v_mag, v_zero)
+        for k in range(2):
+            requantize(buffers + 4 * block_size * k, tensors[t, STATES + 2 * k],
+                       tensors[t, STATES + 2 * k + 1], lb, start, end,
+                       m_mag if k == 0 else v_mag, m_book if k == 0 else v_book)
 
 
 @kernel
@@ -190,11 +196,14 @@ def adam_amsgrad(
     m_lut, m_table, m_search, m_zero, v_lut, v_table, v_search, v_zero,
     decay, l2, beta1_weight, beta2, one_minus_beta2, eps, g_sign, block_size,
 ):  # fmt: skip
-    # :func:`adam` with a third state, the running maximum of v (v's map), in the denominator.
-    m_new = view(scratch + SCRATCH * block_size * part, block_size, np.float32)
-    v_new = view(scratch + SCRATCH * block_size * part + 4 * block_size, block_size, np.float32)
-    vmax_new = view(scratch + SCRATCH * block_size * part + 8 * block_size, block_size,
-                    np.float32)
+    # :func:`adam` with a third state, the running maximum of v (k = 2, v's map), in the
+    # denominator.
+    buffers = scratch + SCRATCH * block_size * part
+    m_new = view(buffers, block_size, np.float32)
+    v_new = view(buffers + 4 * block_size, block_size, np.float32)
+    m_lut_at, v_lut_at = address(m_lut), address(v_lut)
+    m_book, v_book = book(m_table, m_search, m_zero), book(v_table, v_search, v_zero)
+    vmax_new = view(buffers + 8 * block_size, block_size, np.float32)
     first, last = part_blocks(part, parts, block_starts[-1])
     t = np.int64(0)
     for b in range(first, last):
@@ -202,18 +211,14 @@ def adam_amsgrad(
         n = tensors[t, NUMEL]
         blocks_of_n = (n + block_size - 1) // block_size
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-        m_codes = view(tensors[t, STATES], n, np.uint8)
-        m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
-        v_codes = view(tensors[t, STATES + 2], n, np.uint8)
-        v_absmax = view(tensors[t, STATES + 3], blocks_of_n, np.float32)
-        vmax_codes = view(tensors[t, STATES + 4], n, np.uint8)
-        vmax_absmax = view(tensors[t, STATES + 5], blocks_of_n, np.float32)
         inv_bc2_sqrt, neg_step_size = per_tensor[t, 0], per_tensor[t, 1]
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
-        dequantize_run(v_codes, start, end, v_lut, v_absmax[lb], v_new)
-        dequantize_run(vmax_codes, start, end, v_lut, vmax_absmax[lb], vmax_new)
+        for k in range(3):
+            absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
+            dequantize_run(tensors[t, STATES + 2 * k], start, end,
+                           m_lut_at if k == 0 else v_lut_at, absmax[lb],
+                           buffers + 4 * block_size * k)
         m_mag, v_mag, vmax_mag = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
             pi, mi, vi = adam_element(
@@ -228,15 +233,11 @@ def adam_amsgrad(
             m_mag = umax(m_mag, abs_bits(mi))
             v_mag = umax(v_mag, abs_bits(vi))
             vmax_mag = umax(vmax_mag, abs_bits(v_hat))
-        scale = set_scale(m_absmax, lb, m_mag)
-        encode_run(m_new, m_codes, start, end, scale, m_table, m_search)
-        fix_degenerate(m_codes, start, end, m_mag, m_zero)
-        scale = set_scale(v_absmax, lb, v_mag)
-        encode_run(v_new, v_codes, start, end, scale, v_table, v_search)
-        fix_degenerate(v_codes, start, end, v_mag, v_zero)
-        scale = set_scale(vmax_absmax, lb, vmax_mag)
-        encode_run(vmax_new, vmax_codes, start, end, scale, v_table, v_search)
-        fix_degenerate(vmax_codes, start, end, vmax_mag, v_zero)
+        for k in range(3):
+            requantize(buffers + 4 * block_size * k, tensors[t, STATES + 2 * k],
+                       tensors[t, STATES + 2 * k + 1], lb, start, end,
+                       m_mag if k == 0 else v_mag if k == 1 else vmax_mag,
+                       m_book if k == 0 else v_book)
 
 
 @kernel
@@ -246,13 +247,15 @@ def rmsprop(
     centered,
     l2, alpha, one_minus_alpha, eps, momentum, neg_lr, g_sign, block_size,
 ):  # fmt: skip
-    # States: square_avg (unsigned map), momentum_buffer and grad_avg (signed map, ``s_``),
-    # the last two only when ``use_momentum`` / ``centered`` (their addresses are 0 otherwise).
-    sq_new = view(scratch + SCRATCH * block_size * part, block_size, np.float32)
-    buf_new = view(scratch + SCRATCH * block_size * part + 4 * block_size, block_size,
-                   np.float32)
-    ga_new = view(scratch + SCRATCH * block_size * part + 8 * block_size, block_size,
-                  np.float32)
+    # States: square_avg (k = 0, unsigned map), momentum_buffer (k = 1) and grad_avg (k = 2;
+    # signed map, ``s_``), the last two only when ``use_momentum`` / ``centered`` (their
+    # addresses are 0 otherwise).
+    buffers = scratch + SCRATCH * block_size * part
+    sq_new = view(buffers, block_size, np.float32)
+    buf_new = view(buffers + 4 * block_size, block_size, np.float32)
+    ga_new = view(buffers + 8 * block_size, block_size, np.float32)
+    sq_lut_at, s_lut_at = address(sq_lut), address(s_lut)
+    sq_book, s_book = book(sq_table, sq_search, sq_zero), book(s_table, s_search, s_zero)
     first, last = part_blocks(part, parts, block_starts[-1])
     t = np.int64(0)
     for b in range(first, last):
@@ -260,19 +263,14 @@ def rmsprop(
         n = tensors[t, NUMEL]
         blocks_of_n = (n + block_size - 1) // block_size
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-        sq_codes = view(tensors[t, STATES], n, np.uint8)
-        sq_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
-        buf_codes = view(tensors[t, STATES + 2], n, np.uint8)
-        buf_absmax = view(tensors[t, STATES + 3], blocks_of_n, np.float32)
-        ga_codes = view(tensors[t, STATES + 4], n, np.uint8)
-        ga_absmax = view(tensors[t, STATES + 5], blocks_of_n, np.float32)
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        dequantize_run(sq_codes, start, end, sq_lut, sq_absmax[lb], sq_new)
-        if centered:
-            dequantize_run(ga_codes, start, end, s_lut, ga_absmax[lb], ga_new)
-        if use_momentum:
-            dequantize_run(buf_codes, start, end, s_lut, buf_absmax[lb], buf_new)
+        for k in range(3):
+            if tensors[t, STATES + 2 * k] != 0:
+                absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
+                dequantize_run(tensors[t, STATES + 2 * k], start, end,
+                               sq_lut_at if k == 0 else s_lut_at, absmax[lb],
+                               buffers + 4 * block_size * k)
         sq_mag, buf_mag, ga_mag = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
             pi = load(p, i, p_fmt)
@@ -297,17 +295,12 @@ def rmsprop(
             else:
                 pi = pi + (neg_lr * gi) / avg
             store_param(p, i, pi, p_fmt, seed)
-        scale = set_scale(sq_absmax, lb, sq_mag)
-        encode_run(sq_new, sq_codes, start, end, scale, sq_table, sq_search)
-        fix_degenerate(sq_codes, start, end, sq_mag, sq_zero)
-        if centered:
-            scale = set_scale(ga_absmax, lb, ga_mag)
-            encode_run(ga_new, ga_codes, start, end, scale, s_table, s_search)
-            fix_degenerate(ga_codes, start, end, ga_mag, s_zero)
-        if use_momentum:
-            scale = set_scale(buf_absmax, lb, buf_mag)
-            encode_run(buf_new, buf_codes, start, end, scale, s_table, s_search)
-            fix_degenerate(buf_codes, start, end, buf_mag, s_zero)
+        for k in range(3):
+            if tensors[t, STATES + 2 * k] != 0:
+                requantize(buffers + 4 * block_size * k, tensors[t, STATES + 2 * k],
+                           tensors[t, STATES + 2 * k + 1], lb, start, end,
+                           sq_mag if k == 0 else buf_mag if k == 1 else ga_mag,
+                           sq_book if k == 0 else s_book)
 
 
 @kernel
@@ -317,7 +310,9 @@ def lion(
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, neg_lr, g_sign, block_size,
 ):  # fmt: skip
     # State: m.
-    m_new = view(scratch + SCRATCH * block_size * part, block_size, np.float32)
+    buffer = scratch + SCRATCH * block_size * part
+    m_new = view(buffer, block_size, np.float32)
+    m_lut_at, m_book = address(m_lut), book(m_table, m_search, m_zero)
     first, last = part_blocks(part, parts, block_starts[-1])
     t = np.int64(0)
     for b in range(first, last):
@@ -325,11 +320,10 @@ def lion(
         n = tensors[t, NUMEL]
         blocks_of_n = (n + block_size - 1) // block_size
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-        m_codes = view(tensors[t, STATES], n, np.uint8)
         m_absmax = view(tensors[t, STATES + 1], blocks_of_n, np.float32)
         seed, lb = tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        dequantize_run(m_codes, start, end, m_lut, m_absmax[lb], m_new)
+        dequantize_run(tensors[t, STATES], start, end, m_lut_at, m_absmax[lb], buffer)
         m_mag = uint32(0)
         for i in range(start, end):
             gi = load(g, i, g_fmt) * g_sign
@@ -340,6 +334,5 @@ def lion(
             mi = fma(one_minus_beta2, gi, mi * beta2)
             m_new[i - start] = mi
             m_mag = umax(m_mag, abs_bits(mi))
-        scale = set_scale(m_absmax, lb, m_mag)
-        encode_run(m_new, m_codes, start, end, scale, m_table, m_search)
-        fix_degenerate(m_codes, start, end, m_mag, m_zero)
+        requantize(buffer, tensors[t, STATES], tensors[t, STATES + 1], lb, start, end, m_mag,
+                   m_book)

@@ -116,11 +116,11 @@ class CodeTable(NamedTuple):
 
     ``table`` is ``None`` when some bin would hold two thresholds (never for the codebooks of
     :func:`~eightbit.quant.create_codebook`); ``thresholds`` (ending with +inf) then serve a
-    linear search instead. ``lut`` serves dequantization (``eightbit.quant._intrinsics.lookup64``):
-    512 float32 slots, the 256 codebook values and then their four byte planes (1,024 bytes:
-    byte k of value c at byte ``256 * k + c``). ``search`` serves quantization 64 values at a
-    time (``eightbit.quant._intrinsics.encode64``, :func:`search_tables`); empty when the
-    codebook's thresholds do not fit it.
+    linear search instead. ``lut`` serves dequantization
+    (``eightbit.quant._intrinsics.dequantize_run``): 512 float32 slots, the 256 codebook values
+    and then their four byte planes (1,024 bytes: byte k of value c at byte ``256 * k + c``).
+    ``search`` serves quantization 64 values at a time (``eightbit.quant._intrinsics.encode64``,
+    :func:`search_tables`); empty when the codebook's thresholds do not fit it.
     """
 
     table: np.ndarray | None

@@ -14,8 +14,8 @@ the kernels themselves (kernels are compiled with ``noalias`` array arguments, s
 :data:`kernel`, which a gathering loop needs; in a plain ``@njit`` helper LLVM must assume that
 a store may change the table, and the loop stays scalar); views of memory are built in the kernel (a
 helper returning a tuple of arrays, or a row view of a 2-D array, also kept loops scalar);
-helpers are plain ``@njit`` functions that LLVM inlines, or, for leaf helpers, numba inlines
-(:data:`leaf`); divisions stay in the kernels (in a helper, numba's
+helpers are plain ``@njit`` functions (called; LLVM does not inline the large ones), or, for
+leaf helpers, inlined by numba (:data:`leaf`); divisions stay in the kernels (in a helper, numba's
 zero-division check is a branch that stops vectorization); and running maxima stay uint32
 (``_intrinsics.abs_bits``, ``umax``: numba widens integer arithmetic to 64 bits, halving the
 vector width). What remains is mostly the table lookups: a gathered element costs about a
@@ -23,14 +23,15 @@ cycle on Zen 4, more than all the rest of quantize's arithmetic (the gather was 
 quantize's loop and 40-55% of an Adam8bit step), and its cost is the instruction's throughput,
 not the table's size (a 2 KB table gathered as slowly as the 256 KB one). So where the CPU has
 AVX-512 VBMI both directions avoid gathers: dequantization reads the codebook by byte permutes
-(``_intrinsics.lookup64``), and quantization searches for the nearest code by byte permutes too,
-64 values at a time (``_intrinsics.encode64``, :func:`encode_run`). On this project's 2-core
-Zen 4 benchmark machine: the search costs 0.18 ns per value against the gather's 0.31 (one
-thread, data in L2). Then memory: with the hardware prefetcher alone the kernels waited on it at
-16M values, so they ask for their input ahead (``_intrinsics.prefetch``). With both, quantize
-at 16M values runs at 54-73% of a copy's bandwidth (38% with gathers), and an Adam8bit step at
-1.5-2.2x of fused fp32 Adam (1.75-2.10x with gathers; ``make bench``: fused Adam is bound by
-memory, these kernels by compute, so the ratio follows the machine's memory speed that day).
+(``_intrinsics.dequantize_run``), and quantization searches for the nearest code by byte
+permutes too, 64 values at a time (``_intrinsics.encode64``, :func:`encode_run`). On this
+project's 2-core Zen 4 benchmark machine the search costs 0.18 ns per value against the
+gather's 0.31 (one thread, data in L2). Then calls: per block the optimizer kernels dequantize
+each state in the kernel itself (``dequantize_run`` is an intrinsic: as a called helper, a step
+was 8-11% slower) and requantize it with one call of :func:`requantize`, which takes addresses
+(with arrays, the calls of a block passed about thirty arguments each: 5% slower). Then memory:
+with the hardware prefetcher alone quantize and dequantize waited on it at 16M values, so they
+ask for their input ahead (``_intrinsics.prefetch``; the optimizer kernels were faster without).
 Scalar lookups (1.8x slower than gathers) and gathers interleaved with scalar lookups (no
 faster) were tried and dropped.
 
@@ -63,15 +64,17 @@ from ._intrinsics import (
     abs_bits,
     bits_f32,
     carry_code,
+    dequantize_run,
     encode64,
     f32_bits,
-    lookup64,
     prefetch,
     umax,
+    view,
 )
 
 F32, F16, BF16 = 0, 1, 2
 PREFETCH_AHEAD = 512  # values (``_intrinsics.prefetch``)
+TABLE_SIZE = 1 << 16  # entries of a nearest-code table (``_native.code_table``)
 
 
 def cache_dir() -> str:
@@ -234,18 +237,7 @@ def nearest_code(y, table):
     return carry_code(table[u >> uint32(16)], low)
 
 
-@helper
-def dequantize_run(codes, start, end, lut, scale, out):
-    """``out[i - start] = lut[codes[i]] * scale`` for ``start <= i < end``: 64 codes at a time
-    by ``_intrinsics.lookup64``, the rest (a ragged last block) one by one."""
-    full = start + (end - start) // uint64(64) * uint64(64)
-    for s in range(start, full, uint64(64)):
-        lookup64(codes, s, lut, scale, out, s - start)
-    for i in range(full, end):
-        out[i - start] = lut[codes[i]] * scale
-
-
-@helper
+@leaf
 def encode_run(values, codes, start, end, scale, table, search):
     """``codes[i] = nearest_code(values[i - start] / scale, table)`` for ``start <= i < end``
     (``values`` fp32): 64 values at a time by ``_intrinsics.encode64`` (``search`` is the
@@ -257,6 +249,41 @@ def encode_run(values, codes, start, end, scale, table, search):
         encode64(values, F32, s - start, scale, table, search, codes, s)
     for i in range(full, end):
         codes[i] = nearest_code(values[i - start] / scale, table)
+
+
+@helper
+def requantize(values, codes, absmax, b, start, end, mag, book):
+    """Block ``b`` of a fresh fp32 state, ``values[: end - start]``, with ``mag`` the max of
+    their :func:`~._intrinsics.abs_bits`, to its absmax ``absmax[b]`` and its nearest codes
+    ``codes[start:end]`` (:func:`encode_run`, :func:`fix_degenerate`): the optimizer kernels'
+    last step for each state. ``values``, ``codes`` (uint8) and ``absmax`` (fp32) are
+    addresses, and ``book`` is the codebook's :func:`book`.
+
+    Addresses, not arrays: a call passes each array as its seven fields, and the calls of
+    ``set_scale`` and ``encode_run`` with arrays that this replaces made an Adam8bit step 5%
+    slower (same-run A/Bs). Inlined into the kernels (``inline="always"``) it was no faster,
+    and each inlined copy of ``encode64`` is compiled anew (0.3 s of first use for Adam8bit).
+    """
+    table, search, search_size, zero_code = book
+    scale = block_scale(mag)
+    view(absmax, b + 1, np.float32)[b] = scale
+    codes = view(codes, end, np.uint8)
+    encode_run(view(values, end - start, np.float32), codes, start, end, scale,
+               view(table, TABLE_SIZE, np.uint32), view(search, search_size, np.uint8))
+    fix_degenerate(codes, start, end, mag, zero_code)
+
+
+@leaf
+def address(x):
+    """The address of array ``x``'s data, as the int64 the helpers above take."""
+    return np.int64(x.ctypes.data)
+
+
+@leaf
+def book(table, search, zero_code):
+    """A codebook's quantization tables for :func:`requantize`, as addresses and sizes: its
+    nearest-code table, its search table (and size: 0 without one), and its code of zero."""
+    return address(table), address(search), search.size, zero_code
 
 
 @leaf
@@ -374,11 +401,12 @@ def dequantize(part, parts, codes, absmax, lut, out, fmt, block_size):
 
 @kernel
 def dequantize_f32(part, parts, codes, absmax, lut, out, block_size):
-    # fp32 output: 64 codes per lookup (see lookup64); fp16/bf16 outputs take ``dequantize``
+    # fp32 output: 64 codes per lookup (``dequantize_run``); fp16/bf16 outputs take ``dequantize``
     n = codes.size
     first, last = part_blocks(part, parts, absmax.size)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
         # four blocks ahead: 10-15% faster than without at 16M values (same-run A/B)
         prefetch(codes, start + uint64(4 * block_size), block_size)
-        dequantize_run(codes, start, end, lut, absmax[b], out[start:end])
+        dequantize_run(address(codes), start, end, address(lut), absmax[b],
+                       address(out) + 4 * np.int64(start))

@@ -529,8 +529,8 @@ def test_codebooks_the_register_search_cannot_serve_fall_back_to_the_table():
 
 @pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
 def test_dequantize_reads_every_code_of_every_codebook_exactly(name, signed):
-    # 64 codes per lookup (lookup64), then a ragged rest one by one: every code, in both halves
-    # of the byte-plane tables, against brute force, with scales 0, NaN, inf and subnormal.
+    # 64 codes per lookup (dequantize_run), then a ragged rest one by one: every code, in both
+    # halves of the byte-plane tables, against brute force, with scales 0, NaN, inf and subnormal.
     codebook = create_codebook(name, signed=signed)
     gen = torch.Generator().manual_seed(1)
     codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(8)]).to(torch.uint8)
@@ -577,8 +577,8 @@ _FALLBACK = """
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU names")
 def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
     # numba compiles for the CPU that NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name (an AVX2 one
-    # here), and keys its cache by it: the child takes lookup64's fallback. Its results must be
-    # bit-identical to this process's (VBMI where the host has it) for the same inputs.
+    # here), and keys its cache by it: the child takes dequantize_run's fallback. Its results
+    # must be bit-identical to this process's (VBMI where the host has it) for the same inputs.
     result = tmp_path / "fallback.pt"
     env = {"NUMBA_CPU_NAME": "haswell",
            "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2",
