@@ -155,18 +155,21 @@ class Optimizer8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             # One functional call per (device, 8-bit or not): each call sees a single device.
             buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+            steps = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 self._fill_state(p, group, state)
-                state["step"] += 1
+                steps.append(state["step"])
                 local = local_tensor(p)
                 key = (local.device, f"{self.state_specs[0].name}_codes" in state)
                 params, grads, states = buckets[key]
                 params.append(local)
                 grads.append(local_tensor(p.grad))
                 states.append(state)
+            if steps:  # one op for the group, as torch.optim's foreach and fused paths do
+                torch._foreach_add_(steps, 1)
             for (_, eight_bit), (params, grads, states) in buckets.items():
                 self._update(group, params, grads, states, eight_bit)
         return loss
