@@ -260,7 +260,7 @@ def requantize(values, codes, absmax, b, start, end, mag, book):
     addresses, and ``book`` is the codebook's :func:`book`.
 
     Addresses, not arrays: a call passes each array as its seven fields, and the calls of
-    ``set_scale`` and ``encode_run`` with arrays that this replaces made an Adam8bit step 5%
+    ``set_scale`` (absmax) and ``encode_run`` with arrays that this replaces made an Adam8bit step 5%
     slower (same-run A/Bs). Inlined into the kernels (``inline="always"``) it was no faster,
     and each inlined copy of ``encode64`` is compiled anew (0.3 s of first use for Adam8bit).
     """
@@ -298,14 +298,6 @@ def block_range(b, block_size, n):
     start = uint64(b) * uint64(block_size)
     end = start + uint64(block_size)
     return start, end if end < uint64(n) else uint64(n)
-
-
-@helper
-def set_scale(absmax, b, mag):
-    """Store and return block ``b``'s absmax, given the max of its values' ``abs_bits``."""
-    scale = block_scale(mag)
-    absmax[b] = scale
-    return scale
 
 
 @leaf
@@ -349,7 +341,7 @@ def quantize(part, parts, x, fmt, codes, absmax, table, search, zero_code, block
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
         mag = next_mag
-        scale = set_scale(absmax, b, mag)
+        scale = absmax[b] = block_scale(mag)
         # (past the part's last block: another part's first block, or empty past the end)
         ahead, ahead_end = block_range(b + 1, block_size, n)
         next_mag = uint32(0)
@@ -381,7 +373,7 @@ def quantize_scan(part, parts, x, fmt, codes, absmax, thresholds, zero_code, blo
         mag = uint32(0)
         for i in range(start, end):
             mag = umax(mag, abs_bits(load(x, i, fmt)))
-        scale = set_scale(absmax, b, mag)
+        scale = absmax[b] = block_scale(mag)
         for i in range(start, end):
             codes[i] = np.uint8(scan_code(load(x, i, fmt) / scale, thresholds))
         fix_degenerate(codes, start, end, mag, zero_code)
