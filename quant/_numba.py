@@ -259,8 +259,8 @@ def requantize(values, codes, absmax, b, start, end, mag, book):
     last step for each state. ``values``, ``codes`` (uint8) and ``absmax`` (fp32) are
     addresses, and ``book`` is the codebook's :func:`book`.
 
-    Addresses, not arrays: a call passes each array as its seven fields, and the calls of
-    ``set_scale`` (absmax) and ``encode_run`` with arrays that this replaces made an Adam8bit step 5%
+    Addresses, not arrays: a call passes each array as its seven fields, and the two calls per
+    state with arrays that this replaced (absmax, then ``encode_run``) made an Adam8bit step 5%
     slower (same-run A/Bs). Inlined into the kernels (``inline="always"``) it was no faster,
     and each inlined copy of ``encode64`` is compiled anew (0.3 s of first use for Adam8bit).
     """
