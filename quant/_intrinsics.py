@@ -261,8 +261,8 @@ def dequantize_run(typingctx, codes, start, end, lut, scale, out):
     the rest (a ragged last block) one by one. The caller keeps every index in bounds.
 
     An intrinsic that emits the loops into the calling kernel: called as a numba helper it made
-    an Adam8bit step 8-11% slower (a call per state and block, same-run A/B), and inlined by
-    numba (``inline="always"``) it added 0.1-0.35 s to the first compile of each kernel.
+    an Adam8bit step 8-12% slower (a call per state and block, same-run A/Bs), and inlined by
+    numba (``inline="always"``) it added 0.1 s to the first compile of Adam8bit's kernel.
     """
     if not (all(isinstance(a, types.Integer) for a in (codes, start, end, lut, out))
             and scale == types.float32):

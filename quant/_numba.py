@@ -28,7 +28,7 @@ permutes too, 64 values at a time (``_intrinsics.encode64``, :func:`encode_run`)
 project's 2-core Zen 4 benchmark machine the search costs 0.18 ns per value against the
 gather's 0.31 (one thread, data in L2). Then calls: per block the optimizer kernels dequantize
 each state in the kernel itself (``dequantize_run`` is an intrinsic: as a called helper, a step
-was 8-11% slower) and requantize it with one call of :func:`requantize`, which takes addresses
+was 8-12% slower) and requantize it with one call of :func:`requantize`, which takes addresses
 (with arrays, the calls of a block passed about thirty arguments each: 5% slower). Then memory:
 with the hardware prefetcher alone quantize and dequantize waited on it at 16M values, so they
 ask for their input ahead (``_intrinsics.prefetch``; the optimizer kernels were faster without).
@@ -255,9 +255,10 @@ def encode_run(values, codes, start, end, scale, table, search):
 def requantize(values, codes, absmax, b, start, end, mag, book):
     """Block ``b`` of a fresh fp32 state, ``values[: end - start]``, with ``mag`` the max of
     their :func:`~._intrinsics.abs_bits`, to its absmax ``absmax[b]`` and its nearest codes
-    ``codes[start:end]`` (:func:`encode_run`, :func:`fix_degenerate`): the optimizer kernels'
-    last step for each state. ``values``, ``codes`` (uint8) and ``absmax`` (fp32) are
-    addresses, and ``book`` is the codebook's :func:`book`.
+    ``codes[start:end]`` (:func:`encode_run`; a block of zeros, or one holding inf/NaN, gets the
+    code of zero, as in :func:`fix_degenerate`): the optimizer kernels' last step for each
+    state. ``values``, ``codes`` (uint8) and ``absmax`` (fp32) are addresses, and ``book`` is
+    the codebook's :func:`book`.
 
     Addresses, not arrays: a call passes each array as its seven fields, and the two calls per
     state with arrays that this replaced (absmax, then ``encode_run``) made an Adam8bit step 5%
@@ -268,9 +269,12 @@ def requantize(values, codes, absmax, b, start, end, mag, book):
     scale = block_scale(mag)
     view(absmax, b + 1, np.float32)[b] = scale
     codes = view(codes, end, np.uint8)
-    encode_run(view(values, end - start, np.float32), codes, start, end, scale,
-               view(table, TABLE_SIZE, np.uint32), view(search, search_size, np.uint8))
-    fix_degenerate(codes, start, end, mag, zero_code)
+    if mag == 0 or mag >= uint32(0x7F800000):  # zeros, or inf/NaN: :func:`fix_degenerate`
+        for i in range(start, end):
+            codes[i] = zero_code
+    else:
+        encode_run(view(values, end - start, np.float32), codes, start, end, scale,
+                   view(table, TABLE_SIZE, np.uint32), view(search, search_size, np.uint8))
 
 
 @leaf
