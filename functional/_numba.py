@@ -201,9 +201,9 @@ def adam_amsgrad(
     buffers = scratch + SCRATCH * block_size * part
     m_new = view(buffers, block_size, np.float32)
     v_new = view(buffers + 4 * block_size, block_size, np.float32)
+    vmax_new = view(buffers + 8 * block_size, block_size, np.float32)
     m_lut_at, v_lut_at = address(m_lut), address(v_lut)
     m_book, v_book = book(m_table, m_search, m_zero), book(v_table, v_search, v_zero)
-    vmax_new = view(buffers + 8 * block_size, block_size, np.float32)
     first, last = part_blocks(part, parts, block_starts[-1])
     t = np.int64(0)
     for b in range(first, last):
