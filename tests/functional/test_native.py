@@ -226,12 +226,14 @@ def test_non_contiguous_empty_and_mixed_dtype_parameters(row, monkeypatch):
                 assert_codes_near(state[:2], state[2:])
 
 
-def test_zero_and_nonfinite_gradients_follow_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("n", [1024, 1024 + 37])
+def test_zero_and_nonfinite_gradients_follow_the_torch_path(monkeypatch, n):
     row = ROWS[0]
-    p, states, _ = make_problem(row, (1024,), torch.float32)
-    g = torch.zeros(1024)
+    p, states, _ = make_problem(row, (n,), torch.float32)
+    g = torch.zeros(n)
     g[300] = float("nan")  # block 1 of the states becomes NaN: absmax NaN, code of zero
     g[600] = float("inf")
+    g[1024:] = float("nan")  # and a ragged last block (when there is one)
     ours = run(row, p, states, g, monkeypatch, "native")
     theirs = run(row, p, states, g, monkeypatch, "torch")
     assert torch.equal(ours[0].isnan(), theirs[0].isnan())
