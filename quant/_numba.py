@@ -36,7 +36,7 @@ At 16M values on 2 cores (``make bench``, 2026-11-29) quantize runs at 69-74% of
 bandwidth (38% with gathers), and an Adam8bit step takes 1.17-1.18x the time of fused fp32 Adam
 (10.98-11.70 ms; 1.5-2.2x before this session's last changes). Fused Adam is bound by memory
 and these kernels by compute, so the ratio follows the machine's memory speed that day: in the
-fastest phase seen (fused Adam 5.4-5.9 ms) same-run A/Bs measured 1.86-1.99x.
+fastest phase seen (fused Adam 5.44 ms) a same-run A/B measured this structure at 1.86x.
 Scalar lookups (1.8x slower than gathers) and gathers interleaved with scalar lookups (no
 faster) were tried and dropped.
 
