@@ -146,10 +146,11 @@ kernel = njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_Kerne
 # of an optimizer compiles about a hundred of them; the wrappers took a third of that time).
 HELPER_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 helper = njit(cache=True, **HELPER_OPTIONS)
-# Leaf helpers (calling no other helper) are inlined into their callers' numba IR instead: no
+# Leaf helpers (calling only other leaves) are inlined into their callers' numba IR instead: no
 # compile of their own, which made an optimizer's first use (cold cache) 9-13% faster. Helpers
-# that call helpers stay ``helper`` functions (inlined by LLVM): numba's IR-level inlining of a
-# nested helper call miscompiled here.
+# that call ``helper`` functions stay ``helper`` functions themselves, called: numba's IR-level
+# inlining of a nested helper call miscompiled here (leaves in leaves, such as encode_run's
+# nearest_code, are tested).
 leaf = njit(inline="always", **HELPER_OPTIONS)
 
 
@@ -274,12 +275,10 @@ def requantize(values, codes, absmax, b, start, end, mag, book):
     scale = block_scale(mag)
     view(absmax, b + 1, np.float32)[b] = scale
     codes = view(codes, end, np.uint8)
-    if mag == 0 or mag >= uint32(0x7F800000):  # zeros, or inf/NaN: :func:`fix_degenerate`
-        for i in range(start, end):
-            codes[i] = zero_code
-    else:
+    if not degenerate(mag):  # (a degenerate block is not encoded: nothing divides by 0)
         encode_run(view(values, end - start, np.float32), codes, start, end, scale,
                    view(table, TABLE_SIZE, np.uint32), view(search, search_size, np.uint8))
+    fix_degenerate(codes, start, end, mag, zero_code)
 
 
 @leaf
@@ -310,6 +309,13 @@ def block_range(b, block_size, n):
 
 
 @leaf
+def degenerate(mag):
+    """Whether a block whose values' max :func:`~._intrinsics.abs_bits` is ``mag`` holds only
+    zeros, or an inf or NaN: such a block gets the code of zero (:func:`fix_degenerate`)."""
+    return mag == 0 or mag >= uint32(0x7F800000)
+
+
+@leaf
 def fix_degenerate(codes, start, end, mag, zero_code):
     """Give a block of zeros, or one holding inf/NaN, the code of zero (the torch path's rule).
 
@@ -317,7 +323,7 @@ def fix_degenerate(codes, start, end, mag, zero_code):
     vectorizable; the table has an entry for every 16-bit prefix, so NaN and inf are safe) and
     call this after. Loops in helpers are not vectorized, so the regular loop is in each kernel.
     """
-    if mag == 0 or mag >= uint32(0x7F800000):
+    if degenerate(mag):
         for i in range(start, end):
             codes[i] = zero_code
 
