@@ -24,12 +24,17 @@ FP32_CHUNK_BLOCK = 1
 
 
 class Quantized(NamedTuple):
-    """One 8-bit state of one parameter: codes, absmax, and the codebook they index."""
+    """One 8-bit state of one parameter: codes, absmax, and the codebook they index.
+
+    ``nonnegative``: the state lives on the unsigned map (code of zero at index 0), so a positive
+    value whose nearest code is that of zero is stored as code 1 instead (see :func:`requantize`).
+    """
 
     codes: torch.Tensor
     absmax: torch.Tensor
     codebook: torch.Tensor
     mids: torch.Tensor
+    nonnegative: bool
 
 
 def quantized_states(
@@ -73,7 +78,7 @@ def quantized_states(
         if p.device not in maps:
             maps[p.device] = (get_codebook("dynamic", signed=signed, device=p.device),
                               get_midpoints("dynamic", signed=signed, device=p.device))
-        out.append(Quantized(c, a, *maps[p.device]))
+        out.append(Quantized(c, a, *maps[p.device], not signed))
     return out
 
 
@@ -174,13 +179,42 @@ def for_each_chunk(
         rule(p, g, *chunk_states)
         if param.dtype != torch.float32:
             flat_p[start:end] = stochastic_round_to_bf16(p) if to_bf16_stochastic else p
-        for s, values in zip(flat_states, chunk_states, strict=True):
-            if isinstance(s, Quantized):
-                codes, absmax = quantize_segment(values, s.mids, block_size)
-                s.codes.view(-1)[start:end] = codes
-                s.absmax[first:last] = absmax
+        quantized = [(s, v) for s, v in zip(flat_states, chunk_states, strict=True)
+                     if isinstance(s, Quantized)]
+        for s, codes, absmax in requantize(quantized, block_size):
+            s.codes.view(-1)[start:end] = codes
+            s.absmax[first:last] = absmax
     if not contiguous:
         param.copy_(work)
+
+
+def requantize(
+    states: Sequence[tuple[Quantized, torch.Tensor]], block_size: int
+) -> list[tuple[Quantized, torch.Tensor, torch.Tensor]]:
+    """Codes and absmax of the fresh fp32 values of one chunk's 8-bit states (issue 17's rule).
+
+    (a) An element any of whose fresh states is NaN or +-inf gets 0.0 in every state: the
+        codebook has no NaN code, and a non-finite value in a block's absmax would wipe the
+        whole block. The element's parameter already carries the non-finite result.
+    (b) On the unsigned map (non-negative states), a positive value whose nearest code is the
+        code of zero (index 0) is stored as code 1, the smallest positive code, so a positive
+        second moment never decodes to 0. Every other value keeps its nearest code.
+
+    ``values`` are modified in place by (a).
+    """
+    if not states:
+        return []
+    bad = ~torch.isfinite(states[0][1])
+    for _, values in states[1:]:
+        bad |= ~torch.isfinite(values)
+    out = []
+    for s, values in states:
+        values.masked_fill_(bad, 0.0)
+        codes, absmax = quantize_segment(values, s.mids, block_size)
+        if s.nonnegative:
+            codes.masked_fill_((codes == 0) & (values > 0), 1)
+        out.append((s, codes, absmax))
+    return out
 
 
 def scalar(x: float | torch.Tensor) -> float:

@@ -6,8 +6,9 @@ their own files), so the fixture below forces it.
 1. The fp32-state twins against torch.optim's single-tensor code (bit for bit) and, for Lion,
    against the paper's algorithm written in tests/optim/lion_reference.py.
 2. Each 8-bit rule against "dequantize the state, take the fp32 twin's step, quantize the state"
-   with eightbit.quant's public quantize_blockwise / dequantize_blockwise: bit for bit, since the
-   8-bit rule promises exactly that composition.
+   with eightbit.quant's public quantize_blockwise / dequantize_blockwise and the state rule of
+   issue 17 (non-finite elements restart from 0, a positive non-negative state never gets the
+   code of zero): bit for bit, since the 8-bit rule promises exactly that composition.
 """
 
 from __future__ import annotations
@@ -204,7 +205,23 @@ def composed_oracle(rule, p, g, states, step):
         )
     p = p.clone()
     call32(rule, [p], [g], fp32, [torch.tensor(step)])
-    return p, *quantize_states(rule, fp32)
+    return p, *requantize_issue_17(rule, fp32)
+
+
+def requantize_issue_17(rule, fp32):
+    """The public quantizer plus the optimizer-state rule of issue 17: (a) an element with any
+    non-finite fresh state gets 0.0 in all its states; (b) on the unsigned map a positive value
+    whose nearest code is that of zero (index 0) is stored as code 1."""
+    on = [name for name, _ in rule.slots if is_on(rule, name)]
+    bad = torch.zeros_like(fp32[on[0]], dtype=torch.bool)
+    for name in on:
+        bad |= ~fp32[name].isfinite()
+    fp32 = {name: value.masked_fill(bad, 0.0) for name, value in fp32.items()}
+    codes, absmax = quantize_states(rule, fp32)
+    for name, signed in rule.slots:
+        if not signed:
+            codes[name][(codes[name] == 0) & (fp32[name] > 0)] = 1
+    return codes, absmax
 
 
 def assert_same_step(rule, a, b):
