@@ -15,6 +15,13 @@
 // parameter starts on a fresh tile, so one launch mixes any sizes and a CTA finds its parameter
 // by binary search over the first tiles. Indices are 64-bit throughout.
 //
+// Optimizer-state rule (issue 17; the torch path's functional/_chunked.requantize, the CPU
+// kernels): (a) an element any of whose fresh 8-bit states is NaN or +-inf gets 0.0 in all of
+// them before the block is requantized, so the block's absmax stays finite (the parameter keeps
+// the non-finite value the rule computed); (b) on the unsigned map (code of zero at index 0) a
+// positive value whose nearest code is 0 is stored as code 1, so a positive second moment never
+// decodes to 0. fp32 states (state_bits = 32) keep torch's arithmetic, NaN included.
+//
 // Numerics: dequantization and requantization are exact (eightbit_quant.cuh). The update rules
 // are plain fp32 expressions, compiled with FMA contraction and under CuPy's -ftz=true, so an
 // intermediate below 2^-126 (1.2e-38) is flushed to zero: differences from the torch path are
@@ -62,6 +69,11 @@ __device__ __forceinline__ int find_tensor(const long long* __restrict__ table, 
 // b - (b - a)(1 - w), so that both ends are exact. w is uniform, so the branch does not diverge.
 __device__ __forceinline__ float lerp(float a, float b, float w) {
   return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
+// NaN and +-inf have all exponent bits set (a bit test: no -ftz or fast-math can change it).
+__device__ __forceinline__ bool is_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
 }
 
 // NaN-propagating maximum (torch.maximum); fmaxf would drop a NaN.
@@ -161,10 +173,12 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
     float p[kItems], g[kItems], s[S][kItems];
     load_items(param, i, n, vec, p);
     load_items(reinterpret_cast<const G*>(e[kGrad]), i, n, vec, g);
+    unsigned present = 0u;  // bit j: state j is in use (8-bit; fp32 states do not take the rule)
 #pragma unroll
     for (int j = 0; j < S; ++j) {
       const unsigned char* codes = reinterpret_cast<const unsigned char*>(e[kStateCodes + 2 * j]);
       const float* absmax = reinterpret_cast<const float*>(e[kStateCodes + 2 * j + 1]);
+      if (quantized && codes != nullptr) present |= 1u << j;
       if (!quantized && codes != nullptr) {  // an fp32 state: its values, in the codes slot
         load_items(reinterpret_cast<const float*>(codes), i, n, vec, s[j]);
       } else if (codes != nullptr) {
@@ -183,9 +197,13 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
 #pragma unroll
       for (int j = 0; j < S; ++j) state[j] = s[j][k];
       rule.update(p[k], g[k], state);
+      bool bad = false;  // rule (a): a non-finite 8-bit state restarts all states of the element
+#pragma unroll
+      for (int j = 0; j < S; ++j)
+        bad = bad || (((present >> j) & 1u) != 0u && !is_finite(state[j]));
       // Elements past the end hold 0 so that they leave the block absmax alone.
 #pragma unroll
-      for (int j = 0; j < S; ++j) s[j][k] = i + k < n ? state[j] : 0.0f;
+      for (int j = 0; j < S; ++j) s[j][k] = i + k < n && !bad ? state[j] : 0.0f;
     }
     if constexpr (same_type<T, __nv_bfloat16>::value) {
       if (seed != nullptr) round_items_stochastic(p, random_key, t, i);
@@ -199,8 +217,13 @@ __device__ __forceinline__ void multi_tensor_step(Rule rule, const long long* __
         store_items(reinterpret_cast<float*>(codes), i, n, vec, s[j]);
       } else if (codes != nullptr) {
         unsigned c[kItems];
-        const Scale scale = quantize_items(
-            s[j], group, books[(Rule::kSignedMask >> j) & 1u ? 0 : 1].tree, scratch, c);
+        const bool is_signed = ((Rule::kSignedMask >> j) & 1u) != 0u;
+        const Scale scale = quantize_items(s[j], group, books[is_signed ? 0 : 1].tree, scratch, c);
+        if (!is_signed) {  // rule (b); less_than is exact for subnormals under -ftz
+#pragma unroll
+          for (int k = 0; k < kItems; ++k)
+            if (c[k] == 0u && less_than(0.0f, s[j][k])) c[k] = 1u;
+        }
         store_codes(codes, i, n, vec, c);
         if ((threadIdx.x & (group - 1)) == 0 && live) absmax[i >> block_shift] = scale.stored;
       }

@@ -126,6 +126,33 @@ def test_kernel_matches_torch_path(rule, shape):
     assert_states_close(rule, ref_codes, ref_absmax, codes, absmax)
 
 
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
+def test_issue_17_state_rule_matches_torch_path(rule, monkeypatch):
+    """NaN, inf and 1e30 gradients in one block (rule (a): their states restart from 0, the
+    block's absmax stays finite) and tiny second moments next to a large one (rule (b): code 1,
+    not the code of zero), against the torch path."""
+    monkeypatch.setenv("EIGHTBIT_CPU_BACKEND", "torch")
+    p, g, states, step = make_problem(rule, (4097,), step=5.0)
+    g[3], g[77], g[200] = float("nan"), float("inf"), 1e30
+    # block 1 holds the outlier 3.0 (make_problem): these second moments become ~1e-15, far
+    # below the smallest code's threshold (p = 0: no L2 decay enters the gradient)
+    p[300:310], g[300:310] = 0.0, 1e-6
+    for name, signed in rule.slots:
+        if not signed:
+            states[name][300:310] = 0.0
+    (ref_p, ref_codes, ref_absmax), (p1, codes, absmax) = step_both(rule, p, g, states, step)
+    assert torch.equal(ref_p.isfinite(), p1.isfinite())
+    finite = ref_p.isfinite()
+    assert_params_close(p[finite], ref_p[finite], p1[finite])
+    assert_states_close(rule, ref_codes, ref_absmax, codes, absmax)
+    for name, signed in rule.slots:
+        if is_on(rule, name):
+            assert absmax[name].isfinite().all(), name
+            if not signed:
+                assert bool((codes[name][300:310] == 1).all()), name
+                assert torch.equal(codes[name][300:310], ref_codes[name][300:310]), name
+
+
 @pytest.mark.parametrize("shape", [(1,), (4095,), (64, 300), (0,), (278011,)], ids=str)
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
 def test_fp32_state_twin_matches_torch_path(rule, shape):
