@@ -67,6 +67,12 @@ def adam8bit_update(
     Adam's ``weight_decay`` is L2 regularization added to the gradient (as in torch.optim.Adam;
     bitsandbytes' Adam decays like AdamW instead); ``decoupled_weight_decay=True`` is AdamW.
 
+    %(state_rule)s
+
+    So a step from requantized states is at most :math:`2.0 / \sqrt{0.5345} = 2.74` times the
+    step from the exact states (AMSGrad's maximum of two such second moments keeps the bound);
+    tests/optim/test_robustness.py checks it on rare embedding rows.
+
     Args:
         %(params)s
         %(codes)s

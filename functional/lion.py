@@ -52,6 +52,12 @@ def lion8bit_update(
     step counter; its update has the same magnitude :math:`\gamma` in every coordinate, so it wants
     a smaller lr (3-10x) than AdamW.
 
+    %(state_rule)s
+
+    Lion's step is :math:`\pm\gamma` per coordinate whatever the state, so (b) has nothing to
+    bound here; (a) keeps a NaN or inf gradient from freezing its block (the element's momentum
+    restarts from 0 instead of making the block's absmax NaN).
+
     Args:
         %(params)s
         %(codes)s

@@ -17,6 +17,8 @@ import math
 
 import pytest
 import torch
+from eightbit.functional import adam8bit_update
+from eightbit.functional._docs import DOCS
 from eightbit.quant import get_codebook, get_midpoints
 
 from .cases import ROWS, dequantized, ids
@@ -262,3 +264,9 @@ def test_bad_elements_restart_their_states_from_zero(row, backend):
         values = dequantized(state, name, signed)
         assert bool((values[restart] == 0).all()), name
         assert values.isfinite().all(), name
+
+
+def test_the_docstrings_state_the_constants_of_the_codebooks():
+    text = DOCS["state_rule"]
+    assert f"= {RHO_V:.4f}" in text and f"= {M_INFLATION:.1f}" in text
+    assert f"= {M_INFLATION / math.sqrt(RHO_V):.2f}" in adam8bit_update.__doc__
