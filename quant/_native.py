@@ -46,7 +46,7 @@ def _choice() -> str:
     return choice
 
 
-def _set_cache_dir() -> None:
+def set_cache_dir() -> None:
     """``EIGHTBIT_CACHE_DIR`` becomes numba's ``NUMBA_CACHE_DIR`` (a process-wide numba
     setting) when the user set the first and not the second, before numba is imported."""
     if os.environ.get(CACHE_ENV) and not os.environ.get("NUMBA_CACHE_DIR") \
@@ -57,7 +57,6 @@ def _set_cache_dir() -> None:
 @functools.lru_cache(maxsize=1)
 def _import_kernels():
     """``(module, None)`` when the numba kernels import, else ``(None, reason)``."""
-    _set_cache_dir()
     try:
         from . import _numba
     except Exception as error:  # numba missing, broken, or built against another numpy

@@ -17,12 +17,16 @@ float16 or bfloat16).
 
 from __future__ import annotations
 
-import numpy as np
-from numba import carray, int32, njit, prange, types, uint32, uint64
-from numba.extending import overload
+from ._native import set_cache_dir
 
-from ._intrinsics import abs_bits, bits_f32, carry_code, f32_bits, pointer, umax
-from ._vbmi import decode64, encode64
+set_cache_dir()  # before numba is first imported (EIGHTBIT_CACHE_DIR)
+
+import numpy as np  # noqa: E402
+from numba import carray, int32, njit, prange, types, uint32, uint64  # noqa: E402
+from numba.extending import overload  # noqa: E402
+
+from ._intrinsics import abs_bits, bits_f32, carry_code, f32_bits, pointer, umax  # noqa: E402
+from ._vbmi import decode64, encode64  # noqa: E402
 
 F32, F16, BF16 = 0, 1, 2
 TABLE_SIZE = 1 << 16  # entries of a nearest-code table (``_native.code_table``)
