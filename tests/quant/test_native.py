@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -566,3 +568,55 @@ def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
         assert s1.keys() == s2.keys()
         for key in s1:
             assert torch.equal(s1[key], s2[key]), (name, key)
+
+
+def test_the_package_uses_only_numba_s_public_api():
+    # numba's internals (numba.core, numba._*, numba.np.*) change between releases; the
+    # kernels may use numba, numba.extending and llvmlite only.
+    root = Path(__file__).resolve().parents[2]
+    private = re.compile(r"numba\.(core|_(?!_)\w+|np\.|misc)|from numba import _")
+    offenders = [f"{path.relative_to(root)}:{n}: {line.strip()}"
+                 for folder in ("quant", "functional", "optim", "eightbit")
+                 for path in (root / folder).rglob("*.py")
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if private.search(line)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_a_bad_backend_value_is_reported_and_raises_a_clear_error(monkeypatch):
+    monkeypatch.setenv(_native.ENV, "bogus")
+    assert "bogus" in _native.describe() and "torch" in _native.describe()
+    with pytest.raises(ValueError, match="EIGHTBIT_CPU_BACKEND='bogus' is not one of"):
+        quantize_blockwise(torch.randn(10))
+    monkeypatch.setenv(_native.ENV, "auto")
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", "bogus")
+    assert "EIGHTBIT_CPU_PATH='bogus'" in _native.describe()
+    with pytest.raises(ValueError, match="EIGHTBIT_CPU_PATH='bogus' is not one of"):
+        quantize_blockwise(torch.randn(10))
+
+
+@pytest.mark.slow
+def test_numba_failing_to_import_with_any_error_falls_back_to_the_torch_path(tmp_path):
+    # A numba that raises something other than ImportError on import (a broken install, an
+    # incompatible llvmlite): the torch path serves, and `python -m eightbit` says why.
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("raise RuntimeError('numba is broken')\n")
+    code = """
+        import torch
+        from eightbit.__main__ import report
+        from eightbit.quant import dequantize_blockwise, quantize_blockwise
+        x = torch.randn(1000)
+        assert (dequantize_blockwise(quantize_blockwise(x)) - x).abs().max() < 0.1
+        print(report())
+        """
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           _native.ENV: "auto"}
+    out = _run(code, env)
+    assert "torch path (numba does not import: RuntimeError: numba is broken)" in out
+
+
+def test_python_m_eightbit_reports_a_bad_setting_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "eightbit"], capture_output=True, text=True,
+                            env={**os.environ, _native.ENV: "bogus"}, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "EIGHTBIT_CPU_BACKEND='bogus' is not one of" in result.stdout
