@@ -31,6 +31,7 @@ from numba.extending import overload
 from ..quant._intrinsics import abs_bits, f32_bits, fma, umax
 from ..quant._numba import (
     BF16,
+    address,
     block_range,
     decode_block,
     encode_block,
@@ -248,6 +249,10 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
     arrays to its threads.)
     """
     s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
+    # addresses taken once per part (see quant._numba.encode_block)
+    s_at = address(scratch[part])
+    codebooks_at, tables_at = address(codebooks), address(tables)
+    planes_at, searches_at = address(planes), address(searches)
     first, last = part_blocks(part, parts, block_starts[-1])
     t = np.int64(0)
     for b in range(first, last):
@@ -259,10 +264,10 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
         start, end = block_range(lb, block_size, n)
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
-                codes = view(tensors[t, STATES + 2 * k], n, np.uint8)
                 absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
-                decode_block(codes, start, end, codebooks[k], planes[k], absmax[lb],
-                             scratch[part, k])
+                decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
+                             planes_at + planes.shape[1] * k if planes_at != 0 else 0,
+                             absmax[lb], s_at + 4 * block_size * k)
         mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
             j = i - start
@@ -279,10 +284,11 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
                 mag = mag0 if k == 0 else mag1 if k == 1 else mag2
-                codes = view(tensors[t, STATES + 2 * k], n, np.uint8)
-                absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
-                encode_block(scratch[part, k], codes, absmax, lb, start, end, mag, tables[k],
-                             searches[k], zero_codes[k], nonnegative[k])
+                encode_block(s_at + 4 * block_size * k, tensors[t, STATES + 2 * k],
+                             tensors[t, STATES + 2 * k + 1], lb, start, end, mag,
+                             tables_at + 4 * tables.shape[1] * k,
+                             searches_at + searches.shape[1] * k if searches_at != 0 else 0,
+                             zero_codes[k], nonnegative[k])
 
 
 @njit(cache=True, parallel=True)

@@ -116,3 +116,94 @@ def pointer(typingctx, address, like):
         return builder.inttoptr(args[0], context.get_value_type(ptr_type))
 
     return ptr_type(address, like), codegen
+
+
+# -- 16 lanes at a time, in target-independent LLVM vector IR ------------------------------
+# A loop that stores codes while it gathers from a table is not vectorized by LLVM (a store
+# might change the table); these spell the vector loop body out. llvm.masked.gather is lowered
+# to the CPU's gather (AVX2, AVX-512) or to scalar loads (NEON) by LLVM itself.
+
+_LANES = 16
+
+
+def _vec(element):
+    return ir.VectorType(element, _LANES)
+
+
+def _splat(builder, value):
+    undef = ir.Constant(_vec(value.type), ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(_vec(_I32), [ir.Constant(_I32, 0)] * _LANES)
+    return builder.shuffle_vector(one, undef, zeros)
+
+
+def _words(value):
+    return ir.Constant(_vec(_I32), [ir.Constant(_I32, value)] * _LANES)
+
+
+def _ptr(builder, address, element):
+    i64 = ir.IntType(64)
+    if address.type.width < 64:
+        address = builder.zext(address, i64)
+    return builder.inttoptr(address, element.as_pointer())
+
+
+def _gather(builder, base, index, element):
+    """``base[index]`` for 16 i32 indices (``base`` a pointer to ``element``)."""
+    i64 = ir.IntType(64)
+    offsets = builder.shl(builder.zext(index, _vec(i64)),
+                          ir.Constant(_vec(i64), [ir.Constant(i64, 2)] * _LANES))
+    pointers = builder.inttoptr(builder.add(_splat(builder, builder.ptrtoint(base, i64)),
+                                            offsets), _vec(base.type))
+    mask = ir.Constant(_vec(ir.IntType(1)), [ir.Constant(ir.IntType(1), 1)] * _LANES)
+    vec_t = _vec(element)
+    name = f"llvm.masked.gather.v16{'f32' if element == ir.FloatType() else 'i32'}.v16p0"
+    module = builder.module
+    fn = module.globals.get(name) or ir.Function(
+        module, ir.FunctionType(vec_t, [pointers.type, _I32, mask.type, vec_t]), name)
+    return builder.call(fn, [pointers, ir.Constant(_I32, 4), mask,
+                             ir.Constant(vec_t, ir.Undefined)])
+
+
+@intrinsic
+def nearest_codes16(typingctx, values, scale, table, codes):
+    """``codes[k] = _numba.nearest_code(values[k] / scale, table)`` for ``k < 16``; ``values``
+    (fp32), ``table`` (uint32, ``_native.code_table``) and ``codes`` (uint8) are addresses."""
+    if not (isinstance(values, types.Integer) and isinstance(table, types.Integer)
+            and isinstance(codes, types.Integer) and scale == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        values_v, scale_v, table_v, codes_v = args
+        f32v = _vec(ir.FloatType())
+        x = builder.load(builder.bitcast(_ptr(builder, values_v, ir.FloatType()),
+                                         f32v.as_pointer()), align=4)
+        u = builder.bitcast(builder.fdiv(x, _splat(builder, scale_v)), _vec(_I32))
+        low = builder.and_(builder.xor(u, builder.ashr(u, _words(31))), _words(0xFFFF))
+        entry = _gather(builder, _ptr(builder, table_v, _I32), builder.lshr(u, _words(16)), _I32)
+        code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)),
+                             _vec(ir.IntType(8)))
+        builder.store(code, _ptr(builder, codes_v, _vec(ir.IntType(8))), align=1)
+        return context.get_dummy_value()
+
+    return types.void(values, scale, table, codes), codegen
+
+
+@intrinsic
+def decode16(typingctx, codes, codebook, scale, out):
+    """``out[k] = codebook[codes[k]] * scale`` for ``k < 16``; ``codes`` (uint8), ``codebook``
+    (fp32) and ``out`` (fp32) are addresses."""
+    if not (isinstance(codes, types.Integer) and isinstance(codebook, types.Integer)
+            and isinstance(out, types.Integer) and scale == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        codes_v, codebook_v, scale_v, out_v = args
+        c = builder.load(_ptr(builder, codes_v, _vec(ir.IntType(8))), align=1)
+        values = _gather(builder, _ptr(builder, codebook_v, ir.FloatType()),
+                         builder.zext(c, _vec(_I32)), ir.FloatType())
+        builder.store(builder.fmul(values, _splat(builder, scale_v)),
+                      _ptr(builder, out_v, _vec(ir.FloatType())), align=4)
+        return context.get_dummy_value()
+
+    return types.void(codes, codebook, scale, out), codegen

@@ -25,7 +25,16 @@ import numpy as np  # noqa: E402
 from numba import carray, int32, njit, prange, types, uint32, uint64  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
-from ._intrinsics import abs_bits, bits_f32, carry_code, f32_bits, pointer, umax  # noqa: E402
+from ._intrinsics import (  # noqa: E402
+    abs_bits,
+    bits_f32,
+    carry_code,
+    decode16,
+    f32_bits,
+    nearest_codes16,
+    pointer,
+    umax,
+)
 from ._vbmi import decode64, encode64  # noqa: E402
 
 F32, F16, BF16 = 0, 1, 2
@@ -150,45 +159,69 @@ def nearest_code(y, table):
     return carry_code(table[u >> uint32(16)], low)
 
 
+# The block helpers take addresses (int64), not arrays: reading ``arr.ctypes.data`` counts a
+# reference on the array's owner, an atomic operation that threads sharing a table contend on
+# (two threads ran no faster than one). Kernels take each address once per part.
+
+
 @block_helper
-def encode_block(values, codes, absmax, b, start, end, mag, table, search, zero_code,
-                 nonnegative):
+def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, search_at,
+                 zero_code, nonnegative):
     """Block ``b``: ``absmax[b] = block_scale(mag)`` and ``codes[start:end]`` = the nearest codes
     of ``values[: end - start] / absmax[b]`` (fp32 values whose max :func:`abs_bits` is
-    ``mag``), by VBMI where
-    ``search`` is non-empty, else by :func:`nearest_code`. A degenerate block gets
-    ``zero_code``. With ``nonnegative`` (issue 17's rule (b), optimizer states on the unsigned
-    map), a positive value whose nearest code is ``zero_code`` gets ``zero_code + 1``."""
-    scale = absmax[b] = block_scale(mag)
+    ``mag``), by VBMI where ``search_at`` (the VBMI search table) is not 0, else 16 values at a
+    time by gathers from the nearest-code table. A degenerate block gets ``zero_code``. With
+    ``nonnegative`` (issue 17's rule (b), optimizer states on the unsigned map), a positive
+    value whose nearest code is ``zero_code`` gets ``zero_code + 1``."""
+    scale = view(absmax_at, b + 1, np.float32)[b] = block_scale(mag)
+    values, codes = view(values_at, end - start, np.float32), view(codes_at, end, np.uint8)
     full = start
-    if search.size != 0 and not degenerate(mag):
-        full = start + (end - start) // uint64(64) * uint64(64)
-        for s in range(start, full, uint64(64)):
-            encode64(values.ctypes.data + 4 * (s - start), scale, search.ctypes.data,
-                     codes.ctypes.data + s)
-    for i in range(full, end):
-        codes[i] = nearest_code(values[i - start] / scale, table)
     if degenerate(mag):
         for i in range(start, end):
             codes[i] = zero_code
-    elif nonnegative:
+        return
+    base = values_at - 4 * np.int64(start)
+    if search_at != 0:
+        full = start + (end - start) // uint64(64) * uint64(64)
+        for s in range(start, full, uint64(64)):
+            encode64(base + 4 * s, scale, search_at, codes_at + s)
+    else:
+        full = start + (end - start) // uint64(16) * uint64(16)
+        for s in range(start, full, uint64(16)):
+            nearest_codes16(base + 4 * s, scale, table_at, codes_at + s)
+    table = view(table_at, TABLE_SIZE, np.uint32)
+    for i in range(full, end):
+        codes[i] = nearest_code(values[i - start] / scale, table)
+    if nonnegative:
         for i in range(start, end):
             c = codes[i]
             codes[i] = c + np.uint8((c == zero_code) & (values[i - start] > 0))
 
 
 @block_helper
-def decode_block(codes, start, end, codebook, planes, scale, out):
-    """``out[: end - start] = codebook[codes[start:end]] * scale`` (fp32 ``out``), by VBMI where
-    ``planes`` is non-empty."""
+def decode_block(codes_at, start, end, codebook_at, planes_at, scale, out_at):
+    """``out[: end - start] = codebook[codes[start:end]] * scale`` (addresses; fp32 ``out``),
+    by VBMI where ``planes_at`` is not 0, else 16 codes at a time by gathers."""
+    base = out_at - 4 * np.int64(start)
     full = start
-    if planes.size != 0:
+    if planes_at != 0:
         full = start + (end - start) // uint64(64) * uint64(64)
         for s in range(start, full, uint64(64)):
-            decode64(codes.ctypes.data + s, planes.ctypes.data, scale,
-                     out.ctypes.data + 4 * (s - start))
+            decode64(codes_at + s, planes_at, scale, base + 4 * s)
+    else:
+        full = start + (end - start) // uint64(16) * uint64(16)
+        for s in range(start, full, uint64(16)):
+            decode16(codes_at + s, codebook_at, scale, base + 4 * s)
+    codes, codebook = view(codes_at, end, np.uint8), view(codebook_at, 256, np.float32)
+    out = view(out_at, end - start, np.float32)
     for i in range(full, end):
         out[i - start] = codebook[codes[i]] * scale
+
+
+@inline
+def address(x):
+    """The address of array ``x``'s data, or 0 for an empty array (a path that is off)."""
+    return np.int64(x.ctypes.data) if x.size != 0 else np.int64(0)
 
 
 @part_kernel
@@ -197,14 +230,20 @@ def quantize_part(part, parts, x, fmt, codes, absmax, table, search, zero_code, 
     n = x.size
     first, last = part_blocks(part, parts, absmax.size)
     values = scratch[part]
+    values_at, codes_at, absmax_at = address(values), address(codes), address(absmax)
+    table_at, search_at, x_at = address(table), address(search), address(x)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
         mag = uint32(0)
         for i in range(start, end):
-            v = load(x, i, fmt)
-            values[i - start] = v
-            mag = umax(mag, abs_bits(v))
-        encode_block(values, codes, absmax, b, start, end, mag, table, search, zero_code, False)
+            mag = umax(mag, abs_bits(load(x, i, fmt)))
+        at = x_at + 4 * np.int64(start)  # fp32 input is encoded where it is
+        if x.itemsize != 4:  # fp16/bf16: converted to fp32 first
+            for i in range(start, end):
+                values[i - start] = load(x, i, fmt)
+            at = values_at
+        encode_block(at, codes_at, absmax_at, b, start, end, mag, table_at, search_at,
+                     zero_code, False)
 
 
 @njit(cache=True, parallel=True)
@@ -245,9 +284,11 @@ def dequantize_part(part, parts, codes, absmax, codebook, planes, out, fmt, bloc
     n = codes.size
     first, last = part_blocks(part, parts, absmax.size)
     values = scratch[part]
+    values_at, codes_at = address(values), address(codes)
+    codebook_at, planes_at = address(codebook), address(planes)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
-        decode_block(codes, start, end, codebook, planes, absmax[b], values)
+        decode_block(codes_at, start, end, codebook_at, planes_at, absmax[b], values_at)
         for i in range(start, end):
             store(out, i, values[i - start], fmt)
 
