@@ -1,12 +1,14 @@
 """The fused native CPU path of the 8-bit update rules (numba kernels in :mod:`._numba`).
 
 Each function here has the signature of the torch path it replaces (``adam._adam_torch``,
-``rmsprop._rmsprop_torch``, ``lion._lion_torch``): the public functions check their arguments,
-build the per-parameter :class:`~._chunked.Quantized` states, and dispatch with one ``if``
-on :func:`serves`. One kernel call updates all parameters of one (parameter dtype, gradient
-dtype) pair, given as a table of addresses (:func:`_batches`), in one pass per block,
-multi-threaded over the blocks of all of them. The hyperparameters are rounded to fp32 here
-exactly as torch rounds Python scalars, so the kernels compute what the torch path computes.
+``rmsprop._rmsprop_torch``, ``lion._lion_torch``, ``sgd._sgd_torch``,
+``adagrad._adagrad_torch``): the public functions check their arguments, build the
+per-parameter :class:`~._chunked.Quantized` states, and dispatch with one ``if`` on
+:func:`serves`. Each function builds its rule's hyperparameter record and calls :func:`_run`:
+one kernel call (``functional._numba.update``) per (parameter dtype, gradient dtype) pair
+updates all those parameters, given as a table of addresses (:func:`_batches`), in one pass
+per block, multi-threaded over the blocks of all of them. Hyperparameters are rounded to fp32
+here exactly as torch rounds Python scalars, so the kernels compute what the torch path does.
 """
 
 from __future__ import annotations
@@ -42,13 +44,6 @@ def _kernels():
     return _numba
 
 
-def _threads():
-    """:mod:`eightbit.quant._threads` (imports numba: on the first CPU step, not at import)."""
-    from ..quant import _threads
-
-    return _threads
-
-
 def _seed(p: torch.Tensor, stochastic: bool) -> int:
     """Seed of a bf16 parameter's stochastic rounding, from torch's default generator (0: off)."""
     if not (stochastic and p.dtype == torch.bfloat16):
@@ -60,75 +55,80 @@ class _Batch(NamedTuple):
     """The parameters of one kernel call (one parameter dtype and one gradient dtype)."""
 
     like: tuple  # (p_like, p_fmt, g_like, g_fmt): empty arrays of the kernel's element types
-    rows: list  # the tensor table's rows (see functional._numba.P ... STATES)
+    rows: list  # the tensor table's rows (functional._numba.P ... STATES)
     blocks: list  # blocks per parameter
-    extras: list  # per-parameter fp32 values the kernel reads (Adam's bias corrections)
-    copies: list  # (parameter, contiguous copy updated in its place)
+    extras: list  # per-parameter (e0, e1) of the rule
+    copies: list  # (tensor, contiguous copy updated in its place)
     written: list  # the tensors the kernel writes: parameters (or their copies) and states
     read: list  # the gradients: keeps a contiguous copy alive while the kernel reads its address
 
 
-def _batches(params, grads, states, extras, *, block_size, stochastic):
-    """Group the non-empty parameters for the kernels, by (parameter dtype, gradient dtype).
+def _contiguous(t: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """``t``, or a contiguous copy that :func:`_finish` copies back into it."""
+    if t.is_contiguous():
+        return t
+    work = t.contiguous()
+    batch.copies.append((t, work))
+    return work
 
-    ``states``: per state, a list of Quantized (or None where the state is off) per parameter;
-    ``extras``: a tuple of floats per parameter, or None. Yields the number of blocks and of
-    elements, the kernels' arguments after ``(part, parts)``,
-    ``(tensors, block_starts[, per_tensor], scratch, p_like, p_fmt, g_like, g_fmt)``
-    (``per_tensor``: the extras, when given), and the batch.
+
+def _batches(params, grads, states, extras, *, block_size, stochastic):
+    """Group the non-empty parameters for the kernel, by (parameter dtype, gradient dtype).
+
+    ``states``: three lists (one per state slot; None for a slot that is off), each of
+    Quantized or None per parameter; ``extras``: per parameter, the rule's ``(e0, e1)``.
+    Yields the kernel's arguments after ``(parts, h, g_sign)`` and the batch.
     """
     batches: dict[tuple, _Batch] = {}
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if p.numel() == 0:
             continue
-        work = p if p.is_contiguous() else p.contiguous()
         g = g.contiguous()
-        batch = batches.get((work.dtype, g.dtype))
+        batch = batches.get((p.dtype, g.dtype))
         if batch is None:
-            like = (*quant_native.as_array(work[:0]), *quant_native.as_array(g[:0]))
-            batch = batches[work.dtype, g.dtype] = _Batch(like, [], [], [], [], [], [])
+            like = (*quant_native.as_array(p.detach().reshape(-1)[:0]),
+                    *quant_native.as_array(g.reshape(-1)[:0]))
+            batch = batches[p.dtype, g.dtype] = _Batch(like, [], [], [], [], [], [])
+        work = _contiguous(p, batch)
         row = [work.data_ptr(), g.data_ptr(), work.numel(), _seed(p, stochastic)]
         for state in states:
-            q = state[i]
-            row += [q.codes.data_ptr(), q.absmax.data_ptr()] if q is not None else [0, 0]
-            if q is not None:
-                batch.written.extend((q.codes, q.absmax))
+            q = None if state is None else state[i]
+            if q is None:
+                row += [0, 0]
+                continue
+            absmax = _contiguous(q.absmax, batch)
+            row += [q.codes.data_ptr(), absmax.data_ptr()]
+            batch.written.extend((q.codes, absmax))
         batch.rows.append(row)
         batch.blocks.append(-(-work.numel() // block_size))
-        batch.extras.append(extras[i] if extras is not None else ())
+        batch.extras.append(extras[i])
         batch.written.append(work)
         batch.read.append(g)
-        if work is not p:
-            batch.copies.append((p, work))
     for batch in batches.values():
         block_starts = np.zeros(len(batch.blocks) + 1, dtype=np.int64)
         np.cumsum(batch.blocks, out=block_starts[1:])
         tensors = np.array(batch.rows, dtype=np.int64)
-        per_tensor = () if extras is None else (
-            np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), -1),)
-        scratch = _scratch(_kernels().SCRATCH * block_size * _threads().threads())
-        first = (tensors, block_starts, *per_tensor, scratch.ctypes.data, *batch.like)
-        yield (int(block_starts[-1]), int(tensors[:, _kernels().NUMEL].sum())), first, batch
+        per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), 2)
+        yield (tensors, block_starts, per_tensor, *batch.like), batch
+
+
+def _scratch(count: int, block_size: int) -> np.ndarray:
+    """Three fp32 blocks per part, kept between calls of this thread (no fresh pages per step)."""
+    buffer = getattr(_local, "scratch", None)
+    if buffer is None or buffer.shape[0] < count or buffer.shape[2] != block_size:
+        buffer = _local.scratch = np.empty((count, 3, block_size), dtype=np.float32)
+    return buffer
 
 
 _local = threading.local()
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """This thread's scratch memory for the kernels' per-part buffers (kept between calls, so a
-    step does not allocate and fault in fresh pages)."""
-    buffer = getattr(_local, "scratch", None)
-    if buffer is None or buffer.nbytes < nbytes:
-        buffer = _local.scratch = np.empty(nbytes, dtype=np.uint8)
-    return buffer
-
-
-def _tables(states):
-    """``(lut, table, search, zero_code)`` of each state list's codebook (one per list: the
-    rules use the cached dynamic maps); ``None`` for a list that is off."""
+def _books(states):
+    """Per state slot, stacked over the three slots: codebook, table, VBMI planes, VBMI search,
+    code of zero, nonnegative (a slot that is off repeats another's, never read)."""
     out = []
     for state in states:
-        q = next((q for q in state if q is not None), None)
+        q = None if state is None else next((q for q in state if q is not None), None)
         if q is None:
             out.append(None)
             continue
@@ -137,16 +137,43 @@ def _tables(states):
         t = quant_native.code_table(q.codebook)
         if t.table is None:  # not for the dynamic maps the rules use
             raise ValueError("the fused CPU kernels need a codebook with one threshold per bin")
-        out.append((t.lut, t.table, t.search, t.zero_code))
-    return out
+        planes, search = quant_native.vbmi_tables(t)
+        out.append((t.codebook, t.table, planes, search, t.zero_code, bool(q.nonnegative)))
+    used = next((b for b in out if b is not None), None)
+    if used is None:  # no 8-bit state (SGD without momentum): any codebook's tables
+        from ..quant import get_codebook
+
+        t = quant_native.code_table(get_codebook("dynamic", signed=True))
+        used = (t.codebook, t.table, *quant_native.vbmi_tables(t), t.zero_code, False)
+    books = [used if b is None else b for b in out]
+    return tuple(np.ascontiguousarray(np.stack([b[i] for b in books])) for i in range(6))
+
+
+def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochastic_rounding):
+    """One step of ``h``'s rule over all parameters: one kernel call per dtype pair."""
+    kernels = _kernels()
+    states = list(states) + [None] * (3 - len(states))
+    books = _books(states)
+    g_sign = _f32(-1.0 if maximize else 1.0)
+    for args, batch in _batches(params, grads, states, extras, block_size=block_size,
+                                stochastic=bf16_stochastic_rounding):
+        blocks = int(args[1][-1])
+        count = quant_native.parts(blocks, int(args[0][:, kernels.NUMEL].sum()))
+        common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books,
+                  block_size)
+        if count == 1:
+            kernels.update_part(0, 1, *common)
+        else:
+            kernels.update(count, *common)
+        _finish(batch)
 
 
 def _finish(batch: _Batch) -> None:
     """After a kernel call: mark what it wrote in place as modified for autograd (an in-place
-    torch op would), and copy contiguous copies back into their non-contiguous parameters."""
+    torch op would), and copy contiguous copies back into their non-contiguous originals."""
     increment_version(batch.written)
-    for p, work in batch.copies:
-        p.copy_(work)
+    for t, work in batch.copies:
+        t.copy_(work)
 
 
 def adam(
@@ -154,30 +181,24 @@ def adam(
     weight_decay, decoupled_weight_decay, maximize, block_size, bf16_stochastic_rounding,
 ) -> None:
     """Fused 8-bit Adam/AdamW on CPU parameters (the torch path's ``_adam_torch`` contract)."""
-    kernels = _kernels()
     lr = _chunked.scalar(lr)
     decoupled = weight_decay != 0 and decoupled_weight_decay
     amsgrad = any(v is not None for v in max_exp_avg_sqs)
-    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    m, v = _tables(states[:2])
-    corrections, extras = {}, []  # per parameter, computed once per distinct step count
+    corrections = {}  # per distinct step count
     for step_t in steps:
         step = _chunked.scalar(step_t)
         if step not in corrections:
             # 1 / bias_correction2_sqrt rounded once (fp32 division): the kernel multiplies
             corrections[step] = (_f32(1) / _f32((1 - beta2**step) ** 0.5),
                                  _f32(-lr / (1 - beta1**step)))
-        extras.append(corrections[step])
-    kernel = kernels.adam_amsgrad if amsgrad else kernels.adam
-    for size, first, batch in _batches(params, grads, states, extras, block_size=block_size,
-                                         stochastic=bf16_stochastic_rounding):
-        _threads().run(
-            kernel, *size, *first, *m, *v,
-            _f32(1 - lr * weight_decay if decoupled else 1.0),
-            _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
-            _f32(1 - beta2), _f32(eps), _f32(-1.0 if maximize else 1.0), block_size,
-        )
-        _finish(batch)
+    extras = [corrections[_chunked.scalar(s)] for s in steps]
+    h = _kernels().AdamHyper(
+        _f32(1 - lr * weight_decay if decoupled else 1.0),
+        _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
+        _f32(1 - beta2), _f32(eps), amsgrad)
+    _run(h, params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None),
+         extras, maximize=maximize, block_size=block_size,
+         bf16_stochastic_rounding=bf16_stochastic_rounding)
 
 
 def rmsprop(
@@ -185,21 +206,15 @@ def rmsprop(
     momentum, maximize, block_size, bf16_stochastic_rounding,
 ) -> None:
     """Fused 8-bit RMSprop on CPU parameters (the torch path's ``_rmsprop_torch`` contract)."""
-    kernel = _kernels().rmsprop
-    lr = _chunked.scalar(lr)
-    states = [square_avgs, momentum_buffers, grad_avgs]
-    sq, buf, ga = _tables(states)
-    signed = buf or ga or sq  # an unused placeholder when neither signed state is on
     use_momentum = any(b is not None for b in momentum_buffers)
     centered = any(a is not None for a in grad_avgs)
-    for size, first, batch in _batches(params, grads, states, None, block_size=block_size,
-                                         stochastic=bf16_stochastic_rounding):
-        _threads().run(
-            kernel, *size, *first, *sq, *signed, use_momentum,
-            centered, _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps),
-            _f32(momentum), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
-        )
-        _finish(batch)
+    h = _kernels().RMSpropHyper(
+        _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps), _f32(momentum),
+        _f32(-_chunked.scalar(lr)), use_momentum, centered)
+    _run(h, params, grads, (square_avgs, momentum_buffers if use_momentum else None,
+                            grad_avgs if centered else None),
+         [(0.0, 0.0)] * len(params), maximize=maximize, block_size=block_size,
+         bf16_stochastic_rounding=bf16_stochastic_rounding)
 
 
 def lion(
@@ -207,15 +222,34 @@ def lion(
     bf16_stochastic_rounding,
 ) -> None:
     """Fused 8-bit Lion on CPU parameters (the torch path's ``_lion_torch`` contract)."""
-    kernel = _kernels().lion
     lr = _chunked.scalar(lr)
-    (m,) = _tables([exp_avgs])
-    for size, first, batch in _batches(params, grads, [exp_avgs], None,
-                                         block_size=block_size,
-                                         stochastic=bf16_stochastic_rounding):
-        _threads().run(
-            kernel, *size, *first, *m,
-            _f32(1 - lr * weight_decay), _f32(beta1), _f32(1 - beta1), _f32(beta2),
-            _f32(1 - beta2), _f32(-lr), _f32(-1.0 if maximize else 1.0), block_size,
-        )
-        _finish(batch)
+    h = _kernels().LionHyper(_f32(1 - lr * weight_decay), _f32(beta1), _f32(1 - beta1),
+                             _f32(beta2), _f32(1 - beta2), _f32(-lr))
+    _run(h, params, grads, (exp_avgs,), [(0.0, 0.0)] * len(params), maximize=maximize,
+         block_size=block_size, bf16_stochastic_rounding=bf16_stochastic_rounding)
+
+
+def sgd(
+    params, grads, momentum_buffers, steps, *, lr, momentum, dampening, weight_decay, nesterov,
+    maximize, block_size, bf16_stochastic_rounding,
+) -> None:
+    """Fused 8-bit SGD on CPU parameters (the torch path's ``_sgd_torch`` contract)."""
+    use_momentum = momentum != 0 and any(b is not None for b in momentum_buffers)
+    h = _kernels().SGDHyper(_f32(weight_decay), _f32(momentum), _f32(1 - dampening),
+                            _f32(-_chunked.scalar(lr)), use_momentum, nesterov)
+    extras = [(1.0 if _chunked.scalar(s) == 1 else 0.0, 0.0) for s in steps]
+    _run(h, params, grads, (momentum_buffers if use_momentum else None,), extras,
+         maximize=maximize, block_size=block_size,
+         bf16_stochastic_rounding=bf16_stochastic_rounding)
+
+
+def adagrad(
+    params, grads, state_sums, steps, *, lr, lr_decay, weight_decay, eps, maximize, block_size,
+    bf16_stochastic_rounding,
+) -> None:
+    """Fused 8-bit Adagrad on CPU parameters (the torch path's ``_adagrad_torch`` contract)."""
+    lr = _chunked.scalar(lr)
+    extras = [(_f32(-(lr / (1 + (_chunked.scalar(s) - 1) * lr_decay))), 0.0) for s in steps]
+    h = _kernels().AdagradHyper(_f32(weight_decay), _f32(eps))
+    _run(h, params, grads, (state_sums,), extras, maximize=maximize, block_size=block_size,
+         bf16_stochastic_rounding=bf16_stochastic_rounding)

@@ -23,7 +23,13 @@ import functools
 
 import pytest
 import torch
-from eightbit.functional import _native, adam8bit_update, lion8bit_update, rmsprop8bit_update
+from eightbit.functional import (
+    _chunked,
+    _native,
+    adam8bit_update,
+    lion8bit_update,
+    rmsprop8bit_update,
+)
 from eightbit.quant import _native as quant_native
 from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwise
 
@@ -73,6 +79,76 @@ def lion(id, **kw):
     return Row(id, lion8bit_update, [("exp_avg", True, True)], kwargs, False, ("exp_avg",))
 
 
+# SGD8bit and Adagrad8bit: their public functions and torch paths live in functional/sgd.py and
+# functional/adagrad.py (branch newopt). Until those merge, the oracle below is the torch path
+# written from torch.optim.SGD / Adagrad's single-tensor code (BRIEF's interface contract), run
+# through the same chunked machinery (_chunked.for_each_chunk, issue 17's requantize).
+def _sgd_chunk(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, first):
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if buf is not None:
+        if first:
+            buf.copy_(g)
+        else:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(g, alpha=-lr)
+
+
+def _adagrad_chunk(p, g, state_sum, *, clr, weight_decay, eps):
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    state_sum.addcmul_(g, g, value=1)
+    p.addcdiv_(g, state_sum.sqrt().add_(eps), value=-clr)
+
+
+def sgd8bit_update(params, grads, buf_codes, buf_absmax, steps, *, lr, momentum, dampening,
+                   weight_decay, nesterov, maximize, block_size, bf16_stochastic_rounding=False):
+    bufs = _chunked.quantized_states(buf_codes if momentum else None,
+                                     buf_absmax if momentum else None, params, signed=True,
+                                     block_size=block_size, name="momentum_buffer")
+    kw = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize, block_size=block_size,
+              bf16_stochastic_rounding=bf16_stochastic_rounding)
+    if _native.serves(params):
+        _native.sgd(params, grads, bufs, steps, **kw)
+        return
+    for p, g, b, step in zip(params, grads, bufs, steps, strict=True):
+        rule = functools.partial(_sgd_chunk, lr=lr, momentum=momentum, dampening=dampening,
+                                 weight_decay=weight_decay, nesterov=nesterov,
+                                 first=float(step) == 1)
+        _chunked.for_each_chunk(p, g, (b,), rule, block_size=block_size, maximize=maximize,
+                                bf16_stochastic_rounding=bf16_stochastic_rounding)
+
+
+def adagrad8bit_update(params, grads, sum_codes, sum_absmax, steps, *, lr, lr_decay,
+                       weight_decay, eps, maximize, block_size, bf16_stochastic_rounding=False):
+    sums = _chunked.quantized_states(sum_codes, sum_absmax, params, signed=False,
+                                     block_size=block_size, name="sum")
+    kw = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
+              block_size=block_size, bf16_stochastic_rounding=bf16_stochastic_rounding)
+    if _native.serves(params):
+        _native.adagrad(params, grads, sums, steps, **kw)
+        return
+    for p, g, s, step in zip(params, grads, sums, steps, strict=True):
+        rule = functools.partial(_adagrad_chunk, clr=lr / (1 + (float(step) - 1) * lr_decay),
+                                 weight_decay=weight_decay, eps=eps)
+        _chunked.for_each_chunk(p, g, (s,), rule, block_size=block_size, maximize=maximize,
+                                bf16_stochastic_rounding=bf16_stochastic_rounding)
+
+
+def sgd(id, momentum=0.9, **kw):
+    kwargs = dict(lr=1e-2, momentum=momentum, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False) | kw
+    return Row(id, sgd8bit_update, [("momentum_buffer", True, momentum != 0)], kwargs, True,
+               ("momentum_buffer",))
+
+
+def adagrad(id, **kw):
+    kwargs = dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False) | kw
+    return Row(id, adagrad8bit_update, [("sum", False, True)], kwargs, True, ("sum",))
+
+
 ROWS = [
     adam("adam"),
     adam("adam-l2-amsgrad", amsgrad=True, weight_decay=0.1),
@@ -83,8 +159,39 @@ ROWS = [
     rmsprop("rmsprop-centered-momentum-maximize", momentum=0.5, centered=True, maximize=True),
     lion("lion"),
     lion("lion-decay-maximize", weight_decay=0.5, maximize=True),
+    sgd("sgd-momentum"),
+    sgd("sgd-plain-l2", momentum=0.0, weight_decay=0.01),
+    sgd("sgd-nesterov-dampening-maximize", nesterov=True, dampening=0.0, maximize=True,
+        weight_decay=0.1),
+    sgd("sgd-dampening", dampening=0.3),
+    adagrad("adagrad"),
+    adagrad("adagrad-decay-l2-maximize", lr_decay=0.01, weight_decay=0.1, maximize=True),
 ]
+BY_NAME = {row.id: row for row in ROWS}
+
+
+def rows(*names):
+    """The rows of these ids (a KeyError names a row that does not exist)."""
+    return [BY_NAME[name] for name in names]
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _paths():
+    from eightbit.quant import _vbmi
+
+    return ["portable", "vbmi"] if _vbmi.compiled_with_vbmi() else ["portable"]
+
+
+PATHS = _paths()
+
+
+@pytest.fixture(params=["portable", "vbmi"])
+def path(request):
+    """A search path of the kernels (EIGHTBIT_CPU_PATH); VBMI only where the CPU has it."""
+    if request.param not in PATHS:
+        pytest.skip("this CPU has no AVX-512 VBMI")
+    return request.param
 
 
 def make_problem(row, shape, dtype, seed=0):
@@ -141,7 +248,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def momentum_term(row, g, states):
     """RMSprop with momentum moves p by lr * (momentum * buf + g / avg), which may cancel: the
     square root's ulps are those of lr * |g| / avg, bounded with avg >= sqrt(var) + eps."""
-    if "momentum_buffer" not in states:
+    if "momentum_buffer" not in states or "square_avg" not in states:  # (SGD: no square root)
         return 0.0
     dequantize = functools.partial(dequantize_blockwise, block_size=BLOCK)
     var = dequantize(*states["square_avg"], codebook=get_codebook(signed=False))
@@ -174,12 +281,15 @@ def assert_codes_near(ours, theirs):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
-def test_one_step_matches_the_torch_path(row, dtype, monkeypatch):
+def test_one_step_matches_the_torch_path(row, dtype, monkeypatch, path):
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", path)
     p, states, gen = make_problem(row, (4097,), dtype)
     check_step(row, p, states, (torch.randn(4097, generator=gen) * 0.1).to(dtype), monkeypatch)
 
 
-@pytest.mark.parametrize("row", ROWS[::2], ids=lambda r: r.id)
+@pytest.mark.parametrize("row", rows("adam", "adamw-maximize", "rmsprop-momentum-l2",
+                                     "rmsprop-centered-momentum-maximize", "lion-decay-maximize",
+                                     "sgd-momentum", "adagrad"), ids=lambda r: r.id)
 def test_steps_along_a_trajectory_on_a_large_ragged_parameter(row, monkeypatch):
     # Each step starts both paths from the torch path's state, so the bounds stay those of one
     # step (a code that differs at a boundary would otherwise change the following steps).
@@ -189,7 +299,9 @@ def test_steps_along_a_trajectory_on_a_large_ragged_parameter(row, monkeypatch):
         p, states = check_step(row, p, states, g, monkeypatch, step)
 
 
-@pytest.mark.parametrize("row", [ROWS[1], ROWS[6], ROWS[8]], ids=lambda r: r.id)
+@pytest.mark.parametrize("row", rows("adam-l2-amsgrad", "rmsprop-centered-momentum-maximize",
+                                     "lion-decay-maximize", "sgd-nesterov-dampening-maximize",
+                                     "adagrad"), ids=lambda r: r.id)
 def test_non_contiguous_empty_and_mixed_dtype_parameters(row, monkeypatch):
     gen = torch.Generator().manual_seed(5)
     params = [torch.randn(70, 90, generator=gen).t(), torch.zeros(0),
@@ -226,21 +338,88 @@ def test_non_contiguous_empty_and_mixed_dtype_parameters(row, monkeypatch):
                 assert_codes_near(state[:2], state[2:])
 
 
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [1024, 1024 + 37])
-def test_zero_and_nonfinite_gradients_follow_the_torch_path(monkeypatch, n):
-    row = ROWS[0]
+@pytest.mark.parametrize("row", rows("adam", "adam-l2-amsgrad",
+                                     "rmsprop-centered-momentum-maximize", "lion", "sgd-momentum",
+                                     "adagrad"), ids=lambda r: r.id)
+def test_nonfinite_gradients_restart_only_their_own_states(row, monkeypatch, n, path):
+    # issue 17 rule (a): an element whose fresh states are not all finite gets 0.0 in every
+    # state; the rest of its block keeps its exact nearest codes (absmax stays finite), and the
+    # parameters follow the torch path (NaN/inf where its fp32 rule gives them).
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", path)
     p, states, _ = make_problem(row, (n,), torch.float32)
-    g = torch.zeros(n)
-    g[300] = float("nan")  # block 1 of the states becomes NaN: absmax NaN, code of zero
+    g = torch.randn(n) * 0.1
+    g[300] = float("nan")
     g[600] = float("inf")
+    g[700] = 1e30  # finite, but v = g * g overflows to inf
     g[1024:] = float("nan")  # and a ragged last block (when there is one)
     ours = run(row, p, states, g, monkeypatch, "native")
     theirs = run(row, p, states, g, monkeypatch, "torch")
     assert torch.equal(ours[0].isnan(), theirs[0].isnan())
     for name, (codes, absmax) in theirs[1].items():
         assert torch.equal(ours[1][name][0], codes), name
-        assert torch.equal(ours[1][name][1].isnan(), absmax.isnan()), name
-        assert torch.equal(ours[1][name][1].nan_to_num(), absmax.nan_to_num()), name
+        assert torch.equal(ours[1][name][1], absmax), name
+        assert bool(absmax.isfinite().all()), name
+        signed = dict((s[0], s[1]) for s in row.slots)[name]
+        values = dequantize_blockwise(ours[1][name][0], ours[1][name][1], block_size=BLOCK,
+                                      codebook=get_codebook(signed=signed))
+        assert values[300] == 0 and values[600] == 0, name
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("row", rows("adam", "adam-l2-amsgrad", "rmsprop", "adagrad"),
+                         ids=lambda r: r.id)
+def test_a_positive_second_moment_never_decodes_to_zero(row, monkeypatch, path):
+    # issue 17 rule (b): in a block whose absmax is huge, a tiny positive value of a state on
+    # the unsigned map would round to the code of zero (index 0); it is stored as code 1.
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", path)
+    p, states, _ = make_problem(row, (1024,), torch.float32)
+    states = {name: (torch.zeros_like(c) if not signed else c, torch.zeros_like(a) if not signed
+                     else a) for (name, signed, used), (c, a) in
+              zip([s for s in row.slots if s[2]], states.values(), strict=True)}
+    g = torch.full((1024,), 1e-6)
+    g[0] = 100.0  # block 0: absmax of v about 1e4 * (1 - beta2), v of the others about 1e-15
+    ours = run(row, p, states, g, monkeypatch, "native")
+    theirs = run(row, p, states, g, monkeypatch, "torch")
+    for name, (codes, absmax) in theirs[1].items():
+        assert torch.equal(ours[1][name][0], codes), name
+        assert torch.equal(ours[1][name][1], absmax), name
+        if not dict((s[0], s[1]) for s in row.slots)[name]:
+            assert bool((codes >= 1).all()), name  # the unsigned map's code 0 is 0.0
+
+
+@pytest.mark.parametrize("row", rows("adam", "lion", "sgd-momentum", "adagrad"),
+                         ids=lambda r: r.id)
+def test_a_0d_parameter_first_in_its_batch_and_a_non_contiguous_absmax(row, monkeypatch):
+    # (issue 18) a scalar parameter with 8-bit state (min_8bit_size=0) first in the batch, and
+    # absmax given as a strided view: both must give what the torch path gives.
+    results = {}
+    for backend in ("native", "torch"):
+        monkeypatch.setenv(quant_native.ENV, "torch" if backend == "torch" else "auto")
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.tensor(0.5), torch.randn(300, generator=gen)]
+        grads = [torch.tensor(0.25), torch.randn(300, generator=gen) * 0.1]
+        args = []
+        for _name, signed, used in row.slots:
+            if not used:
+                args += [None, None]
+                continue
+            codes = [torch.full(p.shape, 127 if signed else 0, dtype=torch.uint8) for p in params]
+            absmax = [torch.zeros(2)[::2], torch.zeros(4)[::2]]  # 1 and 2 blocks, stride 2
+            args += [codes, absmax]
+        if row.uses_steps:
+            args.append([torch.tensor(1.0) for _ in params])
+        row.update(params, grads, *args, block_size=BLOCK, **row.kwargs)
+        results[backend] = params, args
+    for ours, theirs in zip(results["native"][0], results["torch"][0], strict=True):
+        check_param(ours, theirs, ours, torch.float32)
+    for ours, theirs in zip(results["native"][1], results["torch"][1], strict=True):
+        if isinstance(theirs, list):
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.equal(a, b)
 
 
 def test_bf16_stochastic_rounding_is_unbiased_seeded_and_thread_independent(monkeypatch):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,15 +30,30 @@ from eightbit.quant import (
 )
 from eightbit.quant.codebook import midpoints
 
+
+def _vbmi_search(mids):
+    from eightbit.quant import _vbmi
+
+    return _vbmi.search_table(np.asarray(mids, np.float32))
+
 pytest.importorskip("numba")
 
 CODEBOOKS = [(name, signed) for name in ("dynamic", "linear", "normal") for signed in (True, False)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _numba_path(monkeypatch):
+def _paths():
+    from eightbit.quant import _vbmi
+
+    return ["portable", "vbmi"] if _vbmi.compiled_with_vbmi() else ["portable"]
+
+
+@pytest.fixture(autouse=True, params=_paths())
+def _numba_path(monkeypatch, request):
+    """Every test runs on each search path this machine has (EIGHTBIT_CPU_PATH)."""
     monkeypatch.delenv(_native.ENV, raising=False)
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", request.param)
+    return request.param
 
 
 def both(x: torch.Tensor, codebook: torch.Tensor, block_size: int = 256):
@@ -199,69 +216,15 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
-@functools.cache
-def _kernels_for_the_pool():
-    """Two small kernels in the pool's convention, ``kernel(part, parts, ...)`` (compiled once)."""
-    import numba
-
-    @numba.njit(nogil=True)
-    def record(part, parts, seen, thread):
-        seen[part] = parts
-        thread[part] = numba.get_thread_id()
-
-    @numba.njit(nogil=True)
-    def echo(part, parts, out, f32, f64, flag, i64, u8, matrix):
-        out[part, 0], out[part, 1], out[part, 2] = f32, f64, 1.0 if flag else 0.0
-        out[part, 3], out[part, 4] = i64, u8
-        out[part, 5], out[part, 6] = matrix.sum(), matrix.strides[0] + 100 * matrix.shape[1]
-
-    return record, echo
-
-
 @pytest.mark.parametrize(
     "threads, blocks, elements, parts",
-    [(1, 10, 10**6, 1), (2, 10, 10**6, 2), (2, 1, 10**6, 1), (2, 0, 0, 0), (2, 10, 50000, 1)],
+    [(1, 10, 10**6, 1), (2, 10, 10**6, 2), (2, 1, 10**6, 1), (2, 10, 50000, 1)],
 )
-def test_run_gives_each_thread_one_part_and_follows_torch_threads(
-    torch_threads, threads, blocks, elements, parts
-):
-    from eightbit.quant import _threads
-
-    assert _threads.GRAIN > 50000 // 2  # the last row: too few elements for two parts
+def test_parts_follow_torch_threads_blocks_and_grain(torch_threads, threads, blocks, elements,
+                                                      parts):
+    assert _native.GRAIN > 50000 // 2  # the last row: too few elements for two parts
     torch_threads(threads)
-    record, _ = _kernels_for_the_pool()
-    seen, thread = np.full(4, -1), np.full(4, -1)
-    _threads.run(record, blocks, elements, seen, thread)
-    assert seen.tolist() == [parts] * parts + [-1] * (4 - parts)
-    assert sorted(thread[:parts]) == list(range(parts))  # one part per thread
-
-
-def test_run_passes_every_argument_type_the_kernels_use_to_every_part(torch_threads):
-    from eightbit.quant import _threads
-
-    torch_threads(2)
-    _, echo = _kernels_for_the_pool()
-    matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
-    for flag in (True, False):
-        out = np.zeros((2, 7))
-        args = (out, np.float32(1.5), -2.25, flag, -(2**40), np.uint8(200), matrix)
-        _threads.run(echo, 2, 10**6, *args)
-        want = [1.5, -2.25, float(flag), -(2**40), 200, 66.0, 16 + 400]
-        assert out.tolist() == [want, want]
-    with pytest.raises(TypeError, match="cannot pass"):  # a layout the part function lacks
-        _threads.run(echo, 2, 10**6, *args[:-1], np.asfortranarray(matrix))
-
-
-def test_run_raises_a_typing_error_before_any_part_runs(torch_threads):
-    import numba
-    from eightbit.quant import _threads
-
-    torch_threads(2)
-    record, _ = _kernels_for_the_pool()
-    thread = np.full(4, -1)
-    with pytest.raises(numba.core.errors.TypingError):
-        _threads.run(record, 8, 10**6, "not an array", thread)
-    assert (thread == -1).all()
+    assert _native.parts(blocks, elements) == parts
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -329,12 +292,12 @@ def test_import_eightbit_does_not_import_numba():
 def test_kernels_are_cached_on_disk_across_processes(tmp_path):
     code = """
         import torch
-        from eightbit.quant import _numba, quantize_blockwise
+        from eightbit.quant import _native, _numba, quantize_blockwise
         quantize_blockwise(torch.randn(1000))
-        print(_numba.cache_dir(), _numba.quantize.stats.cache_hits)
+        print(_native.cache_dir(), _numba.quantize_part.stats.cache_hits)
         """
     env = {"EIGHTBIT_CACHE_DIR": str(tmp_path), "NUMBA_CACHE_DIR": ""}
-    first_dir, first_hits = _run(code, env).split()
+    first_dir, first_hits = _run(code, env).split(maxsplit=1)
     assert first_dir.startswith(str(tmp_path)) and first_hits.startswith("Counter()")
     assert list(tmp_path.rglob("*quantize*.nbi")), "no index file in the cache directory"
     second_dir, second_hits = _run(code, env).split(maxsplit=1)
@@ -348,7 +311,7 @@ def test_other_projects_numba_functions_keep_numba_s_own_cache(tmp_path):
     code = """
         import types, numba, torch
         from eightbit.quant import quantize_blockwise
-        quantize_blockwise(torch.randn(10))  # eightbit's locator is installed
+        quantize_blockwise(torch.randn(10))  # eightbit's kernels are loaded
         import theirs
         print(theirs.twice(21))
         anonymous = types.FunctionType(theirs.twice.py_func.__code__, {})  # __module__ is None
@@ -383,12 +346,12 @@ def _sweep_kernel():
     encode64 (the register search, where the CPU has VBMI) gives nearest_code's code (the
     table, checked above against searchsorted). Returns the mismatches and the values seen."""
     from eightbit.quant import _numba as kernels
-    from eightbit.quant._intrinsics import encode64
+    from eightbit.quant._vbmi import encode64
     from numba import njit
 
     nearest_code = kernels.nearest_code
 
-    @njit(error_model="numpy", pipeline_class=kernels._KernelPipeline)
+    @njit(error_model="numpy")
     def sweep(table, search, stride):
         values = np.empty(64, np.float32)
         bits = values.view(np.uint32)
@@ -398,7 +361,7 @@ def _sweep_kernel():
             for first in range(0, 0x3F800000 + 1, 64 * stride):
                 for j in range(64):
                     bits[j] = np.uint32(min(first + j * stride, 0x3F800000)) | sign
-                encode64(values, 0, 0, np.float32(1.0), table, search, ours, 0)
+                encode64(values.ctypes.data, np.float32(1.0), search.ctypes.data, ours.ctypes.data)
                 for j in range(64):
                     expected[j] = nearest_code(values[j], table)
                 for j in range(64):
@@ -413,12 +376,12 @@ def _sweep_kernel():
 @pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
 def test_the_register_search_agrees_with_the_table_on_every_fp32_value(name, signed):
     # Every fp32 bit pattern with |y| <= 1 (2.1e9 values) for the default maps, every 7th for
-    # the others: the three-level byte search of quant._intrinsics.encode64 must give the
+    # the others: the three-level byte search of quant._vbmi.encode64 must give the
     # nearest-code table's code exactly.
     t = _native.code_table(create_codebook(name, signed=signed))
-    assert t.search.size == 1536, "every built-in codebook fits the register search"
+    assert _vbmi_search(t.mids).size == 1536, "every built-in codebook fits the register search"
     stride = 1 if name == "dynamic" else 7
-    wrong, seen = _sweep_kernel()(t.table, t.search, stride)
+    wrong, seen = _sweep_kernel()(t.table, _vbmi_search(t.mids), stride)
     assert seen >= 2 * 0x3F800000 // stride
     assert wrong == 0
 
@@ -450,7 +413,7 @@ def _structured_codebook(seed: int) -> torch.Tensor:
         if sides[0] is None or sides[1] is None:
             continue
         codebook = np.sort(np.concatenate([-sides[0], [0.0], sides[1]])).astype(np.float32)
-        if np.unique(codebook).size == 256 and _native.search_tables(
+        if np.unique(codebook).size == 256 and _vbmi_search(
                 midpoints(torch.from_numpy(codebook)).numpy()) is not None:
             return torch.from_numpy(codebook)
     return None
@@ -460,14 +423,14 @@ def _structured_codebook(seed: int) -> torch.Tensor:
 def _encode_kernel():
     """A numba kernel: ``codes[i]`` = encode64's code of ``values[i]`` (y = values / 1), 64 at
     a time; the caller pads to a multiple of 64."""
-    from eightbit.quant import _numba as kernels
-    from eightbit.quant._intrinsics import encode64
+    from eightbit.quant._vbmi import encode64
     from numba import njit
 
-    @njit(error_model="numpy", pipeline_class=kernels._KernelPipeline)
+    @njit(error_model="numpy")
     def encode(values, table, search, codes):
         for s in range(0, values.size, 64):
-            encode64(values, 0, s, np.float32(1.0), table, search, codes, s)
+            encode64(values.ctypes.data + 4 * s, np.float32(1.0), search.ctypes.data,
+                     codes.ctypes.data + s)
 
     return encode
 
@@ -494,10 +457,10 @@ def test_the_register_search_is_exact_on_structured_codebooks(seed):
     assert codebook is not None
     mids = midpoints(codebook).numpy()
     t = _native.code_table(codebook)
-    assert t.search.size == 1536, "the structured codebooks fit the register search"
+    assert _vbmi_search(t.mids).size == 1536, "the structured codebooks fit the register search"
     values = _edge_values(codebook)
     codes = np.empty(values.size, np.uint8)
-    _encode_kernel()(values, t.table, t.search, codes)
+    _encode_kernel()(values, t.table, _vbmi_search(t.mids), codes)
     expected = np.searchsorted(mids, values, side="left")
     wrong = np.flatnonzero(codes != expected)
     assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
@@ -520,9 +483,9 @@ def test_codebooks_the_register_search_cannot_serve_fall_back_to_the_table():
     tiny = torch.cat([torch.linspace(-1, -0.01, 127), torch.tensor([0.0, 2.0**-70]),
                       torch.linspace(0.01, 1, 127)])
     for codebook in (symmetric, crowded, tiny):
-        assert _native.search_tables(midpoints(codebook).numpy()) is None
+        assert _vbmi_search(midpoints(codebook).numpy()) is None
         t = _native.code_table(codebook)
-        assert t.table is not None and t.search.size == 0
+        assert t.table is not None and _native.vbmi_tables(t)[1].size == 0
         assert_identical(with_unit_absmax(adversarial(codebook)), codebook)
         assert_identical(torch.randn(20000), codebook)
 
@@ -546,10 +509,9 @@ def test_dequantize_reads_every_code_of_every_codebook_exactly(name, signed):
 
 _FALLBACK = """
     import sys, torch
-    from numba.core.registry import cpu_target
-    from eightbit.quant import _intrinsics, _native, create_codebook
+    from eightbit.quant import _vbmi, _native, create_codebook
     from eightbit.optim import Adam8bit, Lion8bit, RMSprop8bit
-    assert not _intrinsics.has_vbmi(cpu_target.target_context), "no override"
+    assert not _vbmi.compiled_with_vbmi(), "no override"
     out = {"describe": _native.describe()}
     codebook = create_codebook("dynamic", signed=True)
     gen = torch.Generator().manual_seed(2)
@@ -582,15 +544,17 @@ def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
     result = tmp_path / "fallback.pt"
     env = {"NUMBA_CPU_NAME": "haswell",
            "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2",
-           "EIGHTBIT_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": ""}
+           "EIGHTBIT_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": "",
+           "EIGHTBIT_CPU_PATH": "auto"}
     subprocess.run([sys.executable, "-c", textwrap.dedent(_FALLBACK), str(result)],
                    env={**os.environ, **env}, check=True, timeout=600)
     theirs = torch.load(result, weights_only=True)
-    assert "scalar loads" in theirs["describe"]
+    assert "portable" in theirs["describe"]
     local = tmp_path / "local.pt"
     subprocess.run([sys.executable, "-c", textwrap.dedent(_FALLBACK.replace(
-        '    assert not _intrinsics.has_vbmi(cpu_target.target_context), "no override"\n',
-        "")), str(local)], env={**os.environ, "NUMBA_CACHE_DIR": ""}, check=True, timeout=600)
+        '    assert not _vbmi.compiled_with_vbmi(), "no override"\n',
+        "")), str(local)], env={**os.environ, "NUMBA_CACHE_DIR": "", "EIGHTBIT_CPU_PATH": "auto"},
+        check=True, timeout=600)
     ours = torch.load(local, weights_only=True)
     assert torch.equal(ours["dequantized"], theirs["dequantized"])
     for dtype in ("float32", "float16", "bfloat16"):
@@ -604,3 +568,55 @@ def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
         assert s1.keys() == s2.keys()
         for key in s1:
             assert torch.equal(s1[key], s2[key]), (name, key)
+
+
+def test_the_package_uses_only_numba_s_public_api():
+    # numba's internals (numba.core, numba._*, numba.np.*) change between releases; the
+    # kernels may use numba, numba.extending and llvmlite only.
+    root = Path(__file__).resolve().parents[2]
+    private = re.compile(r"numba\.(core|_(?!_)\w+|np\.|misc)|from numba import _")
+    offenders = [f"{path.relative_to(root)}:{n}: {line.strip()}"
+                 for folder in ("quant", "functional", "optim", "eightbit")
+                 for path in (root / folder).rglob("*.py")
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if private.search(line)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_a_bad_backend_value_is_reported_and_raises_a_clear_error(monkeypatch):
+    monkeypatch.setenv(_native.ENV, "bogus")
+    assert "bogus" in _native.describe() and "torch" in _native.describe()
+    with pytest.raises(ValueError, match="EIGHTBIT_CPU_BACKEND='bogus' is not one of"):
+        quantize_blockwise(torch.randn(10))
+    monkeypatch.setenv(_native.ENV, "auto")
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", "bogus")
+    assert "EIGHTBIT_CPU_PATH='bogus'" in _native.describe()
+    with pytest.raises(ValueError, match="EIGHTBIT_CPU_PATH='bogus' is not one of"):
+        quantize_blockwise(torch.randn(10))
+
+
+@pytest.mark.slow
+def test_numba_failing_to_import_with_any_error_falls_back_to_the_torch_path(tmp_path):
+    # A numba that raises something other than ImportError on import (a broken install, an
+    # incompatible llvmlite): the torch path serves, and `python -m eightbit` says why.
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("raise RuntimeError('numba is broken')\n")
+    code = """
+        import torch
+        from eightbit.__main__ import report
+        from eightbit.quant import dequantize_blockwise, quantize_blockwise
+        x = torch.randn(1000)
+        assert (dequantize_blockwise(quantize_blockwise(x)) - x).abs().max() < 0.1
+        print(report())
+        """
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           _native.ENV: "auto"}
+    out = _run(code, env)
+    assert "torch path (numba does not import: RuntimeError: numba is broken)" in out
+
+
+def test_python_m_eightbit_reports_a_bad_setting_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "eightbit"], capture_output=True, text=True,
+                            env={**os.environ, _native.ENV: "bogus"}, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "EIGHTBIT_CPU_BACKEND='bogus' is not one of" in result.stdout
