@@ -81,7 +81,7 @@ class FusedKernel:
         *lists: Sequence,
         lr: float | torch.Tensor,
         block_size: int,
-        bf16_stochastic_rounding: bool,
+        bf16_stochastic_rounding: bool = False,
         **hyper: float | bool,
     ) -> None:
         expected = self.num_states + int(self.steps)
