@@ -20,7 +20,7 @@ from eightbit.optim import (
 )
 from eightbit.quant import num_blocks
 
-from .cases import CLASS_ROWS, ROWS, ids, rows
+from .cases import CLASS_ROWS, ROWS, dequantized, ids, rows
 from .lion_reference import LionReference
 
 SIZES = [(1,), (4095,), (4096,), (4097,), (64, 300), (0,), (3, 0)]
@@ -214,6 +214,18 @@ def test_performance_hints_are_accepted(row):
     p[0].grad = torch.randn(5000)
     opt.step()
     assert opt.state[p[0]]["step"].item() == 1.0
+
+
+def test_adagrad_initial_accumulator_value_is_stored_exactly():
+    """Q_+(v) of a constant v is exact (code of 1.0, absmax v); a zero gradient keeps it."""
+    params = [torch.randn(5000), torch.randn(10)]
+    opt = Adagrad8bit(params, initial_accumulator_value=0.3)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(dequantized(opt.state[params[0]], "sum", signed=False),
+                       torch.full((5000,), 0.3))
+    assert torch.equal(opt.state[params[1]]["sum"], torch.full((10,), 0.3))  # fp32: torch's key
 
 
 BAD_ARGS = [
