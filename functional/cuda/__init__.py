@@ -22,8 +22,10 @@ feature needs), before they dispatch here; the launcher adds its dtype/device/co
 Call the public rules rather than these kernels.
 
 Kernels: ``adam.cu``, ``rmsprop.cu``, ``lion.cu``, ``sgd.cu``, ``adagrad.cu`` with the driver
-``eightbit_optim.cuh``, templated on the parameter and gradient types. This package does not
-import CuPy; the runtime of :mod:`eightbit.quant.cuda` does, on the first launch.
+``eightbit_optim.cuh``, templated on the parameter and gradient types. A new rule is a ``.cu``
+file (its ``Rule::update`` and a ``<stem>_kernel`` calling the driver) and one
+:class:`FusedKernel` line below. This package does not import CuPy; the runtime of
+:mod:`eightbit.quant.cuda` does, on the first launch.
 
 Example (GPU and CuPy)::
 
