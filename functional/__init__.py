@@ -1,8 +1,9 @@
 """eightbit.functional: stateless update rules with 8-bit (or fp32) optimizer state.
 
-One module per rule: :mod:`.adam` (Adam and AdamW), :mod:`.rmsprop`, :mod:`.lion`. Each public
-function takes lists of tensors (one entry per parameter) positionally and hyperparameters as
-keywords, and updates parameters and states in place: dequantize -> fp32 update -> requantize.
+One module per rule: :mod:`.adam` (Adam and AdamW), :mod:`.rmsprop`, :mod:`.lion`, :mod:`.sgd`,
+:mod:`.adagrad`. Each public function takes lists of tensors (one entry per parameter)
+positionally and hyperparameters as keywords, and updates parameters and states in place:
+dequantize -> fp32 update -> requantize.
 The optimizers of :mod:`eightbit.optim` gather the tensors and call these; you can too::
 
     >>> import torch
@@ -15,15 +16,21 @@ The optimizers of :mod:`eightbit.optim` gather the tensors and call these; you c
 Each ``*32bit_update`` twin runs the same rule on plain float32 state.
 """
 
+from .adagrad import adagrad8bit_update, adagrad32bit_update
 from .adam import adam8bit_update, adam32bit_update
 from .lion import lion8bit_update, lion32bit_update
 from .rmsprop import rmsprop8bit_update, rmsprop32bit_update
+from .sgd import sgd8bit_update, sgd32bit_update
 
 __all__ = [
+    "adagrad8bit_update",
+    "adagrad32bit_update",
     "adam8bit_update",
     "adam32bit_update",
     "lion8bit_update",
     "lion32bit_update",
     "rmsprop8bit_update",
     "rmsprop32bit_update",
+    "sgd8bit_update",
+    "sgd32bit_update",
 ]

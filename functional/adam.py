@@ -117,18 +117,9 @@ def adam8bit_update(
     )
     # Backend dispatch for 8-bit Adam: the one place an implementation is chosen.
     if params and params[0].is_cuda:
-        from .cuda import adam8bit  # fused CUDA kernels; CuPy is imported on the first launch
-
-        adam8bit(
-            params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-            max_exp_avg_sq_codes, max_exp_avg_sq_absmax, steps, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            amsgrad=amsgrad, maximize=maximize, block_size=block_size,
-            bf16_stochastic_rounding=bf16_stochastic_rounding,
-        )
-        return
-    # CPU tensors: the fused numba kernels when numba is installed, else the torch path.
-    update = _native.adam if _native.serves(params) else _adam_torch
+        from .cuda import ADAM as update  # fused CUDA kernels; CuPy is imported on the first launch
+    else:  # CPU tensors: the fused numba kernels when numba is installed, else the torch path
+        update = _native.adam if _native.serves(params) else _adam_torch
     update(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -181,16 +172,10 @@ def adam32bit_update(
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     # Backend dispatch for fp32-state Adam: the one place an implementation is chosen.
     if params and params[0].is_cuda:
-        from .cuda import adam32bit  # fused CUDA kernels; CuPy is imported on the first launch
-
-        adam32bit(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
-            beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
-            bf16_stochastic_rounding=bf16_stochastic_rounding,
-        )
-        return
-    _adam_torch(
+        from .cuda import ADAM as update  # fused CUDA kernels; CuPy is imported on the first launch
+    else:
+        update = _adam_torch
+    update(
         params, grads, _chunked.fp32_states(exp_avgs, params, name="exp_avgs"),
         _chunked.fp32_states(exp_avg_sqs, params, name="exp_avg_sqs"),
         _chunked.fp32_states(max_exp_avg_sqs if amsgrad else None, params, name="max_exp_avg_sqs"),

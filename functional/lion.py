@@ -84,16 +84,9 @@ def lion8bit_update(
     )
     # Backend dispatch for 8-bit Lion: the one place an implementation is chosen.
     if params and params[0].is_cuda:
-        from .cuda import lion8bit  # fused CUDA kernels; CuPy is imported on the first launch
-
-        lion8bit(
-            params, grads, exp_avg_codes, exp_avg_absmax, lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, maximize=maximize, block_size=block_size,
-            bf16_stochastic_rounding=bf16_stochastic_rounding,
-        )
-        return
-    # CPU tensors: the fused numba kernels when numba is installed, else the torch path.
-    update = _native.lion if _native.serves(params) else _lion_torch
+        from .cuda import LION as update  # fused CUDA kernels; CuPy is imported on the first launch
+    else:  # CPU tensors: the fused numba kernels when numba is installed, else the torch path
+        update = _native.lion if _native.serves(params) else _lion_torch
     update(
         params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         maximize=maximize, block_size=block_size,
@@ -130,14 +123,10 @@ def lion32bit_update(
     _chunked.check_params(params, grads, None)
     # Backend dispatch for fp32-state Lion: the one place an implementation is chosen.
     if params and params[0].is_cuda:
-        from .cuda import lion32bit  # fused CUDA kernels; CuPy is imported on the first launch
-
-        lion32bit(
-            params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-            maximize=maximize, bf16_stochastic_rounding=bf16_stochastic_rounding,
-        )
-        return
-    _lion_torch(
+        from .cuda import LION as update  # fused CUDA kernels; CuPy is imported on the first launch
+    else:
+        update = _lion_torch
+    update(
         params, grads, _chunked.fp32_states(exp_avgs, params, name="exp_avgs"), lr=lr,
         beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
         block_size=_chunked.FP32_CHUNK_BLOCK, bf16_stochastic_rounding=bf16_stochastic_rounding,

@@ -111,17 +111,9 @@ def rmsprop8bit_update(
     )
     # Backend dispatch for 8-bit RMSprop: the one place an implementation is chosen.
     if params and params[0].is_cuda:
-        from .cuda import rmsprop8bit  # fused CUDA kernels; CuPy is imported on the first launch
-
-        rmsprop8bit(
-            params, grads, square_avg_codes, square_avg_absmax, momentum_buffer_codes,
-            momentum_buffer_absmax, grad_avg_codes, grad_avg_absmax, lr=lr, alpha=alpha, eps=eps,
-            weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
-            block_size=block_size, bf16_stochastic_rounding=bf16_stochastic_rounding,
-        )
-        return
-    # CPU tensors: the fused numba kernels when numba is installed, else the torch path.
-    update = _native.rmsprop if _native.serves(params) else _rmsprop_torch
+        from .cuda import RMSPROP as update  # fused CUDA kernels; CuPy is imported on first launch
+    else:  # CPU tensors: the fused numba kernels when numba is installed, else the torch path
+        update = _native.rmsprop if _native.serves(params) else _rmsprop_torch
     update(
         params, grads, square_avgs, momentum_buffers, grad_avgs, lr=lr, alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, maximize=maximize, block_size=block_size,
@@ -167,15 +159,10 @@ def rmsprop32bit_update(
         raise ValueError("centered=True needs grad_avgs")
     # Backend dispatch for fp32-state RMSprop: the one place an implementation is chosen.
     if params and params[0].is_cuda:
-        from .cuda import rmsprop32bit  # fused CUDA kernels; CuPy is imported on the first launch
-
-        rmsprop32bit(
-            params, grads, square_avgs, momentum_buffers, grad_avgs, lr=lr, alpha=alpha, eps=eps,
-            weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
-            bf16_stochastic_rounding=bf16_stochastic_rounding,
-        )
-        return
-    _rmsprop_torch(
+        from .cuda import RMSPROP as update  # fused CUDA kernels; CuPy is imported on first launch
+    else:
+        update = _rmsprop_torch
+    update(
         params, grads, _chunked.fp32_states(square_avgs, params, name="square_avgs"),
         _chunked.fp32_states(momentum_buffers if momentum > 0 else None, params,
                              name="momentum_buffers"),

@@ -9,14 +9,25 @@ Change one line of a training loop::
     >>> model(torch.randn(4, 512)).square().mean().backward()
     >>> opt.step(); opt.zero_grad()
 
-Adam8bit, AdamW8bit and RMSprop8bit take their torch counterparts' arguments (same names,
-defaults and meaning); Lion8bit follows Chen et al. 2023. All add ``block_size``,
-``min_8bit_size``, ``bf16_stochastic_rounding`` and a per-group ``state_bits`` (8 or 32).
+Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit and Adagrad8bit take their torch counterparts'
+arguments (same names, defaults and meaning); Lion8bit follows Chen et al. 2023. All add
+``block_size``, ``min_8bit_size``, ``bf16_stochastic_rounding`` and a per-group ``state_bits``
+(8 or 32).
 """
 
 from ._base import Optimizer8bit
+from .adagrad import Adagrad8bit
 from .adam import Adam8bit, AdamW8bit
 from .lion import Lion8bit
 from .rmsprop import RMSprop8bit
+from .sgd import SGD8bit
 
-__all__ = ["Adam8bit", "AdamW8bit", "Lion8bit", "Optimizer8bit", "RMSprop8bit"]
+__all__ = [
+    "Adagrad8bit",
+    "Adam8bit",
+    "AdamW8bit",
+    "Lion8bit",
+    "Optimizer8bit",
+    "RMSprop8bit",
+    "SGD8bit",
+]

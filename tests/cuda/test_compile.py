@@ -23,7 +23,9 @@ CASES = [pytest.param(src, arch, id=f"{src.name}-sm{arch}") for src in SOURCES f
 
 
 def test_sources_found():
-    assert {s.name for s in SOURCES} == {"blockwise.cu", "adam.cu", "rmsprop.cu", "lion.cu"}
+    assert {s.name for s in SOURCES} == {
+        "blockwise.cu", "adam.cu", "rmsprop.cu", "lion.cu", "sgd.cu", "adagrad.cu"
+    }
     for src in SOURCES:
         assert _runtime.name_expressions(src), f"{src.name} declares no kernel template"
 

@@ -14,6 +14,7 @@ import eightbit.quant.cuda as quant_cuda
 import numpy as np
 import pytest
 import torch
+from eightbit.functional._chunked import Quantized
 from eightbit.functional.cuda import _launch
 from eightbit.quant import get_codebook, num_blocks
 from eightbit.quant.cuda import _runtime
@@ -234,6 +235,11 @@ def test_launch_checks_dtypes_against_the_signature(recorded):
         )
 
 
+def quantized(codes, absmax):
+    """8-bit state lists as the public rules hand them to the CUDA kernels."""
+    return [Quantized(c, a, None, None) for c, a in zip(codes, absmax, strict=True)]
+
+
 def _adam_state(params, block_size):
     codes = [torch.full(p.shape, 127, dtype=torch.uint8) for p in params]
     absmax = [torch.zeros(num_blocks(p.numel(), block_size)) for p in params]
@@ -248,15 +254,12 @@ def test_optimizer_launcher_builds_one_multi_tensor_table(recorded):
     m, am = _adam_state(params, block_size)
     v, av = _adam_state(params, block_size)
     steps = [torch.tensor(3.0) for _ in params]
-    optim_cuda.adam8bit(
+    optim_cuda.ADAM(
         params,
         grads,
-        m,
-        am,
-        v,
-        av,
-        None,
-        None,
+        quantized(m, am),
+        quantized(v, av),
+        [None] * len(params),
         steps,
         lr=1e-3,
         beta1=0.9,
@@ -264,7 +267,6 @@ def test_optimizer_launcher_builds_one_multi_tensor_table(recorded):
         eps=1e-8,
         weight_decay=0.01,
         decoupled_weight_decay=True,
-        amsgrad=False,
         maximize=False,
         block_size=block_size,
     )
@@ -297,16 +299,45 @@ def test_optimizer_launcher_builds_one_multi_tensor_table(recorded):
     assert hyper["decoupled"] == 1 and hyper["amsgrad"] == 0 and hyper["seed"] == 0
 
 
+KERNEL_CALLS = {  # every FusedKernel with its rule's hyperparameters (torch-path keywords)
+    "ADAM": dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True,
+                 maximize=False),
+    "RMSPROP": dict(alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, maximize=False),
+    "LION": dict(beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
+    "SGD": dict(momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=True, maximize=True),
+    "ADAGRAD": dict(lr_decay=0.01, weight_decay=0.0, eps=1e-10, maximize=False),
+}
+
+
+@pytest.mark.parametrize("name", KERNEL_CALLS)
+def test_every_fused_kernel_passes_its_c_signature(recorded, name):
+    """The spec's scalars fill the kernel's C parameters one for one, with their exact types."""
+    kernel = getattr(optim_cuda, name)
+    params, grads = [torch.randn(5000)], [torch.randn(5000)]
+    states = [quantized(*_adam_state(params, 256)) for _ in range(kernel.num_states)]
+    steps = [[torch.tensor(1.0)]] if kernel.steps else []
+    kernel(params, grads, *states, *steps, lr=1e-3, block_size=256, **KERNEL_CALLS[name])
+    ((k, packed, args, _, _),) = recorded
+    assert k.name == f"{name.lower()}_kernel"
+    assert_exact_c_types(k, packed, args)
+    values = dict(zip([p.name for p in k.signature.params], packed, strict=True))
+    for key, value in KERNEL_CALLS[name].items():
+        if key in values:
+            assert values[key] == value, key
+    with pytest.raises(TypeError, match="keywords"):
+        kernel(params, grads, *states, *steps, lr=1e-3, block_size=256, amsgrad=True,
+               **KERNEL_CALLS[name])
+
+
 def test_optimizer_launcher_groups_dtypes_and_upcasts_grads(recorded):
     block_size = 64
     params = [torch.randn(100, dtype=torch.bfloat16), torch.randn(100), torch.randn(100).half()]
     grads = [torch.randn(100, dtype=torch.bfloat16), torch.randn(100).half(), torch.randn(100)]
     codes, absmax = _adam_state(params, block_size)
-    optim_cuda.lion8bit(
+    optim_cuda.LION(
         params,
         grads,
-        codes,
-        absmax,
+        quantized(codes, absmax),
         lr=1e-4,
         beta1=0.9,
         beta2=0.99,
@@ -334,11 +365,10 @@ def test_optimizer_tables_are_reused_while_the_tensors_are(recorded):
     codes, absmax = _adam_state(params, 64)
 
     def step():
-        optim_cuda.lion8bit(
+        optim_cuda.LION(
             params,
             grads,
-            codes,
-            absmax,
+            quantized(codes, absmax),
             lr=torch.tensor(1e-4),
             beta1=0.9,
             beta2=0.99,
@@ -374,11 +404,10 @@ def test_optimizer_launcher_checks_states(recorded, key, bad, error):
     }
     state[key] = bad
     with pytest.raises((TypeError, ValueError), match=error):
-        optim_cuda.lion8bit(
+        optim_cuda.LION(
             [state["params"]],
             [state["grads"]],
-            [state["codes"]],
-            [state["absmax"]],
+            quantized([state["codes"]], [state["absmax"]]),
             lr=1e-4,
             beta1=0.9,
             beta2=0.99,
@@ -459,11 +488,10 @@ def test_temporary_copies_are_written_back_and_never_cached(recorded):
     codes, absmax = _adam_state([param], 64)
 
     def step():
-        optim_cuda.lion8bit(
+        optim_cuda.LION(
             [param],
             grads,
-            codes,
-            absmax,
+            quantized(codes, absmax),
             lr=1e-4,
             beta1=0.9,
             beta2=0.99,
@@ -488,12 +516,12 @@ def test_fp32_state_twins_launch_the_same_kernels_on_float_states(recorded):
     exp_avgs = [torch.zeros_like(p) for p in params]
     exp_avg_sqs = [torch.zeros_like(p) for p in params]
     steps = [torch.tensor(2.0) for _ in params]
-    optim_cuda.adam32bit(
+    optim_cuda.ADAM(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
-        None,
+        [None] * len(params),
         steps,
         lr=1e-3,
         beta1=0.9,
@@ -501,8 +529,8 @@ def test_fp32_state_twins_launch_the_same_kernels_on_float_states(recorded):
         eps=1e-8,
         weight_decay=0.0,
         decoupled_weight_decay=False,
-        amsgrad=False,
         maximize=False,
+        block_size=1,  # the fp32 twins' chunk block; the kernel tiles fp32 state by 256
     )
     ((kernel, packed, args, _, _),) = recorded
     assert kernel.name == "adam_kernel"
@@ -513,7 +541,7 @@ def test_fp32_state_twins_launch_the_same_kernels_on_float_states(recorded):
     for row, m, v in zip(rows, exp_avgs, exp_avg_sqs, strict=True):
         assert row[2:8] == [m.data_ptr(), 0, v.data_ptr(), 0, 0, 0]
     with pytest.raises(TypeError, match="an fp32 state.*must be torch.float32"):
-        optim_cuda.lion32bit(
+        optim_cuda.LION(
             params,
             grads,
             [torch.zeros(5000, dtype=torch.uint8), torch.zeros(3)],
@@ -522,4 +550,5 @@ def test_fp32_state_twins_launch_the_same_kernels_on_float_states(recorded):
             beta2=0.99,
             weight_decay=0.0,
             maximize=False,
+            block_size=1,
         )

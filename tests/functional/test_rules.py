@@ -20,12 +20,16 @@ import pytest
 import torch
 from eightbit.functional import (
     _chunked,
+    adagrad8bit_update,
+    adagrad32bit_update,
     adam8bit_update,
     adam32bit_update,
     lion8bit_update,
     lion32bit_update,
     rmsprop8bit_update,
     rmsprop32bit_update,
+    sgd8bit_update,
+    sgd32bit_update,
 )
 from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwise
 
@@ -88,6 +92,21 @@ def lion(id, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
                                     maximize=maximize))
 
 
+def sgd(id, lr=1e-2, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+        maximize=False):
+    kw = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    return Rule(id, sgd8bit_update, sgd32bit_update, [("momentum_buffer", True)],
+                {"momentum_buffer": momentum != 0}, kw, True, torch.optim.SGD,
+                dict(kw, foreach=False))
+
+
+def adagrad(id, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False):
+    kw = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize)
+    return Rule(id, adagrad8bit_update, adagrad32bit_update, [("sum", False)], {}, kw, True,
+                torch.optim.Adagrad, dict(kw, foreach=False))
+
+
 RULES = [
     adam("adam"),
     adam("adam-l2-amsgrad-maximize", weight_decay=0.1, amsgrad=True, maximize=True),
@@ -99,6 +118,11 @@ RULES = [
     rmsprop("rmsprop-momentum-centered", momentum=0.5, centered=True, alpha=0.9),
     lion("lion"),
     lion("lion-wd-maximize", weight_decay=0.5, maximize=True),
+    sgd("sgd"),
+    sgd("sgd-momentum-dampening-wd", momentum=0.9, dampening=0.3, weight_decay=0.1),
+    sgd("sgd-nesterov-maximize", momentum=0.8, nesterov=True, maximize=True),
+    adagrad("adagrad"),
+    adagrad("adagrad-lr_decay-wd-maximize", lr_decay=0.05, weight_decay=0.1, maximize=True),
 ]
 SHAPES = [(1,), (4095,), (4097,), (64, 300), (0,), (3, 0)]
 
@@ -192,6 +216,23 @@ def test_fp32_twin_matches_the_fp32_oracle(rule, shape):
                 torch.testing.assert_close(ours_states[name], expected, rtol=1e-6, atol=1e-9)
             else:
                 assert torch.equal(ours_states[name], expected), name
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_sgd_first_step_starts_the_buffer_from_the_gradient(nesterov):
+    # torch starts a missing buffer from a copy of the gradient (no dampening); the twin reads
+    # step 1 as "no buffer yet", whatever the buffer holds.
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0 if nesterov else 0.5, weight_decay=0.1,
+              nesterov=nesterov, maximize=False)
+    p, g = torch.randn(300), torch.randn(300)
+    ours_p, buf = p.clone(), torch.randn(300)
+    sgd32bit_update([ours_p], [g], [buf], [torch.tensor(1.0)], **kw)
+    ref_p = p.clone()
+    opt = torch.optim.SGD([ref_p], foreach=False, **kw)
+    ref_p.grad = g
+    opt.step()
+    assert torch.equal(ours_p, ref_p)
+    assert torch.equal(buf, opt.state[ref_p]["momentum_buffer"])
 
 
 def composed_oracle(rule, p, g, states, step):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from eightbit.optim import Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit
+from eightbit.optim import Adagrad8bit, Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit, SGD8bit
 from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwise
 
 from .lion_reference import LionReference
@@ -51,9 +51,35 @@ ROWS = [
     Row("Lion", Lion8bit, LionReference, dict(lr=1e-4), (("exp_avg", True),)),
     Row("Lion-wd-maximize", Lion8bit, LionReference,
         dict(lr=1e-4, weight_decay=0.1, maximize=True), (("exp_avg", True),)),
+    Row("SGD", SGD8bit, torch.optim.SGD, dict(lr=1e-3), ()),
+    Row("SGD-momentum-dampening", SGD8bit, torch.optim.SGD,
+        dict(lr=1e-3, momentum=0.9, dampening=0.5), (("momentum_buffer", True),)),
+    Row("SGD-nesterov-wd", SGD8bit, torch.optim.SGD,
+        dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=0.01),
+        (("momentum_buffer", True),)),
+    Row("SGD-momentum-maximize", SGD8bit, torch.optim.SGD,
+        dict(lr=1e-3, momentum=0.8, maximize=True), (("momentum_buffer", True),)),
+    Row("Adagrad", Adagrad8bit, torch.optim.Adagrad, dict(lr=1e-2), (("sum", False),)),
+    Row("Adagrad-lr_decay-wd-initial", Adagrad8bit, torch.optim.Adagrad,
+        dict(lr=1e-2, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
+        (("sum", False),)),
+    Row("Adagrad-maximize", Adagrad8bit, torch.optim.Adagrad, dict(lr=1e-2, maximize=True),
+        (("sum", False),)),
 ]
-# One row per optimizer class, for the slower tests.
-CLASS_ROWS = [ROWS[0], ROWS[3], ROWS[7], ROWS[8]]
+
+
+def rows(*names: str) -> list[Row]:
+    """The rows of these ids, in this order (a name that is not in the table is an error)."""
+    by_id = {r.id: r for r in ROWS}
+    missing = [n for n in names if n not in by_id]
+    if missing:
+        raise KeyError(f"no rows {missing} in the table; ids are {sorted(by_id)}")
+    return [by_id[n] for n in names]
+
+
+# One row per optimizer class, for the slower tests (SGD: a row that keeps a buffer).
+CLASS_ROWS = rows("Adam", "AdamW", "RMSprop-centered-momentum-wd", "Lion",
+                  "SGD-momentum-dampening", "Adagrad")
 
 
 def ids(rows):

@@ -114,7 +114,8 @@ def test_trajectory_stays_close_to_fp32(row):
     exact, _, _ = run_trajectory(row, SIZES, STEPS, oracle=True)
     assert relative_deviation(ours, exact, start) < TRAJECTORY_RTOL
     for p in opt.param_groups[0]["params"]:
-        assert opt.state[p][f"{row.states[0][0]}_codes"].dtype == torch.uint8
+        for name, _ in row.states:
+            assert opt.state[p][f"{name}_codes"].dtype == torch.uint8
 
 
 @pytest.mark.gpu
@@ -128,7 +129,7 @@ def test_cuda_trajectory_stays_close_to_fp32(row, dtype):
     exact, _, _ = run_trajectory(row, shapes, STEPS, dtype=dtype, oracle=True, **lr)
     assert relative_deviation(ours, exact, start) < TRAJECTORY_RTOL
     state = opt.state[opt.param_groups[0]["params"][-1]]
-    assert state["step"].is_cuda and state[f"{row.states[0][0]}_codes"].is_cuda
+    assert state["step"].is_cuda and all(state[f"{n}_codes"].is_cuda for n, _ in row.states)
 
 
 @pytest.mark.slow
@@ -182,7 +183,7 @@ def train(make_opt, steps=40):
 
 
 CONVERGENCE_LR = {"Adam": 1e-2, "AdamW": 1e-2, "RMSprop-centered-momentum-wd": 2e-3,
-                  "Lion": 1e-3}
+                  "Lion": 1e-3, "SGD-momentum-dampening": 0.1, "Adagrad": 1e-2}
 
 
 @pytest.mark.parametrize("row", CLASS_ROWS, ids=ids(CLASS_ROWS))

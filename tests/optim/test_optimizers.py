@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eightbit.optim import Adam8bit, AdamW8bit, Lion8bit, Optimizer8bit, RMSprop8bit
+from eightbit.optim import (
+    Adagrad8bit,
+    Adam8bit,
+    AdamW8bit,
+    Lion8bit,
+    Optimizer8bit,
+    RMSprop8bit,
+    SGD8bit,
+)
 from eightbit.quant import num_blocks
 
-from .cases import CLASS_ROWS, ROWS, ids
+from .cases import CLASS_ROWS, ROWS, dequantized, ids, rows
 from .lion_reference import LionReference
 
 SIZES = [(1,), (4095,), (4096,), (4097,), (64, 300), (0,), (3, 0)]
@@ -93,7 +101,7 @@ def test_state_bits_32_is_torch_bit_for_bit(row):
     assert ours.state[ours_p[1]]["step"].item() == 4.0  # no grad at step 1: not counted
 
 
-@pytest.mark.parametrize("row", ROWS[::2], ids=ids(ROWS[::2]))
+@pytest.mark.parametrize("row", CLASS_ROWS, ids=ids(CLASS_ROWS))
 def test_a_parameter_without_grad_is_untouched(row):
     params = [torch.randn(5000), torch.randn(5000)]
     opt = row.ours(params)
@@ -178,7 +186,8 @@ def test_grad_scaler_with_fp16_autocast(row):
             scaler.step(opt)
             scaler.update()
         weight = model[0].weight
-        assert opt.state[weight]["step"].item() == 3.0  # the inf step was skipped
+        if make == row.ours or row.ref is not torch.optim.SGD:  # torch's SGD keeps no step
+            assert opt.state[weight]["step"].item() == 3.0  # the inf step was skipped
         results.append(weight.detach())
     # fp16 forward passes, 8-bit state: close to the fp32-state run, step by step
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=10 * row.kwargs["lr"])
@@ -188,7 +197,8 @@ def test_adamw_is_adam_with_decoupled_decay_and_torch_defaults():
     p = [torch.randn(10)]
     assert AdamW8bit(p).defaults["weight_decay"] == torch.optim.AdamW(p).defaults["weight_decay"]
     assert AdamW8bit(p).defaults["decoupled_weight_decay"] is True
-    for ours, theirs in ((Adam8bit, torch.optim.Adam), (RMSprop8bit, torch.optim.RMSprop)):
+    for ours, theirs in ((Adam8bit, torch.optim.Adam), (RMSprop8bit, torch.optim.RMSprop),
+                         (SGD8bit, torch.optim.SGD), (Adagrad8bit, torch.optim.Adagrad)):
         mine = ours(p).defaults
         for key, value in theirs(p).defaults.items():
             if key not in ("differentiable",):
@@ -206,6 +216,18 @@ def test_performance_hints_are_accepted(row):
     assert opt.state[p[0]]["step"].item() == 1.0
 
 
+def test_adagrad_initial_accumulator_value_is_stored_exactly():
+    """Q_+(v) of a constant v is exact (code of 1.0, absmax v); a zero gradient keeps it."""
+    params = [torch.randn(5000), torch.randn(10)]
+    opt = Adagrad8bit(params, initial_accumulator_value=0.3)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(dequantized(opt.state[params[0]], "sum", signed=False),
+                       torch.full((5000,), 0.3))
+    assert torch.equal(opt.state[params[1]]["sum"], torch.full((10,), 0.3))  # fp32: torch's key
+
+
 BAD_ARGS = [
     (Adam8bit, dict(differentiable=True), "differentiable=True"),
     (Lion8bit, dict(differentiable=True), "differentiable=True"),
@@ -218,6 +240,12 @@ BAD_ARGS = [
     (Adam8bit, dict(block_size=100), "power of two"),
     (Adam8bit, dict(min_8bit_size=-1), "min_8bit_size"),
     (Adam8bit, dict(lr=torch.tensor([1e-3, 1e-3])), "one element"),
+    (SGD8bit, dict(momentum=0.9, nesterov=True, dampening=0.1), "Nesterov"),
+    (SGD8bit, dict(nesterov=True), "Nesterov"),
+    (SGD8bit, dict(momentum=-0.5), "momentum"),
+    (Adagrad8bit, dict(lr_decay=-1.0), "lr_decay"),
+    (Adagrad8bit, dict(initial_accumulator_value=-1.0), "initial_accumulator_value"),
+    (Adagrad8bit, dict(eps=-1.0), "epsilon"),
 ]
 
 
@@ -294,8 +322,9 @@ def test_a_real_dtensor_parameter_in_a_one_rank_process_group():
         dist.destroy_process_group()
 
 
-# Adam, AdamW and Lion move every weight by about lr per step (RMSprop's first steps are larger).
-SMALL_STEP_ROWS = [r for r in CLASS_ROWS if r.cls is not RMSprop8bit]
+# These move every weight by at most about lr per step at gradient ~1 (RMSprop's first steps are
+# larger; SGD's momentum builds up to (1 - dampening) / (1 - momentum) times the gradient).
+SMALL_STEP_ROWS = rows("Adam", "AdamW", "Lion", "SGD", "Adagrad")
 
 
 @pytest.mark.parametrize("row", SMALL_STEP_ROWS, ids=ids(SMALL_STEP_ROWS))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from eightbit.optim import Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit
+from eightbit.optim import Adagrad8bit, Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit, SGD8bit
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -32,6 +32,8 @@ MEMORY_ROWS = {  # README row -> (our optimizer, its arguments, torch's bytes pe
     "RMSprop": (RMSprop8bit, {}, 4),
     "RMSprop, momentum + centered": (RMSprop8bit, {"momentum": 0.9, "centered": True}, 12),
     "Lion": (Lion8bit, {}, 4),
+    "SGD, momentum": (SGD8bit, {"momentum": 0.9}, 4),
+    "Adagrad": (Adagrad8bit, {}, 4),
 }
 
 
