@@ -12,11 +12,22 @@ Change one line of a training loop::
 Adam8bit, AdamW8bit and RMSprop8bit take their torch counterparts' arguments (same names,
 defaults and meaning); Lion8bit follows Chen et al. 2023. All add ``block_size``,
 ``min_8bit_size``, ``bf16_stochastic_rounding`` and a per-group ``state_bits`` (8 or 32).
+:func:`to_torch_state_dict` and :func:`load_torch_state_dict` convert checkpoints to and from
+the torch.optim counterparts.
 """
 
 from ._base import Optimizer8bit
+from ._convert import load_torch_state_dict, to_torch_state_dict
 from .adam import Adam8bit, AdamW8bit
 from .lion import Lion8bit
 from .rmsprop import RMSprop8bit
 
-__all__ = ["Adam8bit", "AdamW8bit", "Lion8bit", "Optimizer8bit", "RMSprop8bit"]
+__all__ = [
+    "Adam8bit",
+    "AdamW8bit",
+    "Lion8bit",
+    "Optimizer8bit",
+    "RMSprop8bit",
+    "load_torch_state_dict",
+    "to_torch_state_dict",
+]
