@@ -292,10 +292,11 @@ def test_a_failing_step_creates_no_state_and_counts_no_step(row, what, spoil, er
         assert torch.equal(p, v)
 
 
-# -- parameters that cannot be optimized are refused when added -------------------------------------
+# -- parameters that cannot be optimized are refused when added ---------------------------------
 
 
-@pytest.mark.parametrize("cls", [Adam8bit, AdamW8bit, RMSprop8bit, Lion8bit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Adam8bit, AdamW8bit, RMSprop8bit, Lion8bit],
+                         ids=lambda c: c.__name__)
 def test_duplicate_parameters_are_refused(cls):
     p, q = torch.randn(5000), torch.randn(10)
     with pytest.raises(ValueError, match="appears twice in one parameter group"):
