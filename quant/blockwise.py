@@ -180,14 +180,25 @@ class QuantizedTensor:
 
     @classmethod
     def from_dict(cls, state: dict) -> QuantizedTensor:
-        """Rebuild from :meth:`to_dict` output; ``ValueError`` for missing or mismatched parts."""
+        """Rebuild from :meth:`to_dict` output; ``ValueError``/``TypeError`` for missing,
+        mismatched or impossible parts (a codebook that is not 256 increasing finite values, a
+        negative absmax; NaN is what a block holding inf or NaN gets, so it is kept)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a quantized tensor dict must be a dict, got {type(state).__name__}")
         missing = {"codes", "absmax", "codebook", "block_size", "dtype"} - set(state)
         if missing:
             raise ValueError(f"quantized tensor dict is missing {sorted(missing)}")
-        dtype = getattr(torch, str(state["dtype"]), None)
+        dtype = state["dtype"]
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"quantized tensor dict has unknown dtype {state['dtype']!r}")
-        return cls(state["codes"], state["absmax"], state["codebook"], state["block_size"], dtype)
+        q = cls(state["codes"], state["absmax"], state["codebook"], state["block_size"], dtype)
+        if q.codebook.device.type != "meta":
+            check_codebook(q.codebook)
+        if q.absmax.device.type != "meta" and bool((q.absmax < 0).any()):
+            raise ValueError("quantized tensor dict has a negative absmax (a block's largest "
+                             "magnitude is >= 0): the data is corrupt")
+        return q
 
 
 def _memory(t: torch.Tensor) -> tuple[int, int]:
@@ -219,6 +230,9 @@ def _check_parts(
 ) -> None:
     check_block_size(block_size)
     check_codebook(codebook, check_values=False)
+    for name, t in (("codes", codes), ("absmax", absmax), ("codebook", codebook)):
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+            raise TypeError(f"{name} has layout {t.layout}; pass a dense tensor (.to_dense())")
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes))}")
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
