@@ -239,3 +239,20 @@ def test_a_tiny_positive_second_moment_never_decodes_to_zero():
     assert bool((back.view(-1)[:256] > 0).all())
     assert round_trip(sd["state"][0]["exp_avg_sq"], signed=False)[2].view(-1)[1] == 0
     assert torch.equal(back, unsigned_round_trip(sd["state"][0]["exp_avg_sq"]))
+
+
+def test_the_readme_checkpoints_example_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("### Checkpoints")
+    code = re.search(r"```python\n(.*?)```", readme[start:], re.S).group(1)
+    model = torch.nn.Linear(128, 64)
+    torch_adamw = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 128)).square().mean().backward()
+    torch_adamw.step()
+    namespace = {"model": model, "torch_adamw": torch_adamw}
+    exec(code, namespace)
+    assert namespace["opt"].state[model.weight]["exp_avg_codes"].dtype == torch.uint8
+    assert torch_adamw.state[model.weight]["exp_avg"].dtype == torch.float32
