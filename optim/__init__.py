@@ -12,10 +12,12 @@ Change one line of a training loop::
 Adam8bit, AdamW8bit, RMSprop8bit, SGD8bit and Adagrad8bit take their torch counterparts'
 arguments (same names, defaults and meaning); Lion8bit follows Chen et al. 2023. All add
 ``block_size``, ``min_8bit_size``, ``bf16_stochastic_rounding`` and a per-group ``state_bits``
-(8 or 32).
+(8 or 32). :func:`to_torch_state_dict` and :func:`load_torch_state_dict` convert checkpoints
+to and from the torch.optim counterparts.
 """
 
 from ._base import Optimizer8bit
+from ._convert import load_torch_state_dict, to_torch_state_dict
 from .adagrad import Adagrad8bit
 from .adam import Adam8bit, AdamW8bit
 from .lion import Lion8bit
@@ -30,4 +32,6 @@ __all__ = [
     "Optimizer8bit",
     "RMSprop8bit",
     "SGD8bit",
+    "load_torch_state_dict",
+    "to_torch_state_dict",
 ]

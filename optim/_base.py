@@ -1,21 +1,24 @@
-"""The bookkeeping every 8-bit optimizer shares: lazy state, the size rule, and checkpoints.
+"""The bookkeeping every 8-bit optimizer shares: option checks, lazy state, the size rule.
 
-A frontend (Adam8bit, RMSprop8bit, Lion8bit) declares its states (:class:`StateSpec`), validates
-its hyperparameters and calls its functional rule; this base class does everything else once.
+A frontend (Adam8bit, RMSprop8bit, Lion8bit) declares its states (:class:`StateSpec`), checks its
+own options (``check_options``) and calls its functional rule; this base class does everything
+else once. Checkpoint loading lives in :mod:`._checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable
-from itertools import chain
 from typing import Any
 
 import torch
 
-from ..quant import check_block_size, get_codebook, num_blocks
+from ..quant import FLOAT_DTYPES, check_block_size, get_codebook, num_blocks
+from . import _checkpoint
 
 # Options every 8-bit optimizer adds to its torch counterpart's, documented once.
 EXTRA_ARGS_DOC = """block_size (int): elements per absmax block of the 8-bit states (power of two,
@@ -54,10 +57,81 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+def check_real(
+    name: str, value: Any, *, high: float = math.inf, high_open: bool = False,
+    tensor: bool = False,
+) -> float:
+    """``value`` as a float if it is a finite real number in ``[0, high]`` (``[0, high)`` with
+    ``high_open``); ``TypeError``/``ValueError`` in torch.optim's words otherwise. ``tensor``
+    also takes a one-element real tensor (a tensor ``lr``)."""
+    if tensor and isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor {name} must have one element, got shape "
+                             f"{tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"a tensor {name} must be real, got {value.dtype}")
+        number = float(value.item()) if value.device.type != "meta" else 0.0
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"Invalid {name}: {value!r} is not a real number")
+    inside = number < high if high_open else number <= high
+    if not (math.isfinite(number) and 0.0 <= number and inside):
+        raise ValueError(f"Invalid {name}: {value}")
+    return number
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool if it is one (or the int 0 or 1); ``TypeError`` otherwise."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_betas(betas: Any, *, high_open: bool) -> tuple[float, float]:
+    """Two decay rates in ``[0, 1)`` (``[0, 1]`` when not ``high_open``), as a tuple of floats."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+    return tuple(check_real(f"beta parameter at index {i}", beta, high=1.0, high_open=high_open,
+                            tensor=True) for i, beta in enumerate(betas))
+
+
+def check_param(p: Any) -> None:
+    """Refuse what no 8-bit optimizer can update: non-tensors, integer/complex, sparse."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"optimizer can only optimize Tensors, but one of the params is "
+                        f"{type(p).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"a parameter of shape {tuple(p.shape)} is {p.dtype}; 8-bit optimizers update "
+            "float32, float16 or bfloat16 parameters (leave integer or complex tensors out)"
+        )
+    if p.layout != torch.strided:
+        raise TypeError(f"a parameter has layout {p.layout}; 8-bit optimizers take dense "
+                        "(strided) parameters")
+
+
+def check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Refuse a gradient the update rules cannot use, before any state changes."""
+    check_param(p)
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError(
+            f"8-bit optimizers do not support sparse gradients (got {grad.layout}); use dense "
+            "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
+        )
+    if grad.dtype not in FLOAT_DTYPES or grad.shape != p.shape or grad.device != p.device:
+        raise ValueError(
+            f"a gradient of shape {tuple(grad.shape)} ({grad.dtype}, {grad.device}) does not "
+            f"fit its parameter of shape {tuple(p.shape)} ({p.dtype}, {p.device})"
+        )
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of the 8-bit optimizers; subclasses set ``state_specs`` and ``_update``."""
 
     state_specs: tuple[StateSpec, ...] = ()
+    # Options a class fixes whatever a group or a checkpoint says (AdamW8bit: decoupled decay).
+    fixed_options: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -73,19 +147,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         capturable: bool,
         differentiable: bool,
     ) -> None:
-        name = type(self).__name__
         if differentiable:
             raise ValueError(
-                f"{name} does not support differentiable=True: quantized state has no gradient. "
-                f"Use the torch.optim optimizer to differentiate through the step."
+                f"{type(self).__name__} does not support differentiable=True: quantized state has "
+                "no gradient. Use the torch.optim optimizer to differentiate through the step."
             )
-        lr = defaults["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"a tensor lr must have one element, got shape {tuple(lr.shape)}")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= defaults.get("weight_decay", 0.0):
-            raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']}")
         defaults = dict(
             defaults,
             foreach=foreach,
@@ -95,25 +161,78 @@ class Optimizer8bit(torch.optim.Optimizer):
             block_size=block_size,
             min_8bit_size=min_8bit_size,
             state_bits=state_bits,
-            bf16_stochastic_rounding=bool(bf16_stochastic_rounding),
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
         )
-        super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(_check_and_stash_state)
-        self.register_load_state_dict_post_hook(_restore_state)
+        super().__init__(params, self.check_options(defaults))
+        _checkpoint.register_hooks(self)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group``, after checking state_bits, block_size and min_8bit_size."""
-        options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        if options["state_bits"] not in (8, 32):
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options of one param group, checked and normalized (betas a tuple of floats,
+        flags bools); ``ValueError``/``TypeError`` naming the bad one.
+
+        The one check of the constructor, :meth:`add_param_group` and ``load_state_dict``;
+        subclasses add their own options and call ``super().check_options``.
+        """
+        options = {**options, **cls.fixed_options}
+        out = dict(options)
+        check_real("learning rate", options["lr"], tensor=True)
+        check_real("weight_decay value", options["weight_decay"])
+        if options["state_bits"] not in (8, 32) or isinstance(options["state_bits"], bool):
             raise ValueError(f"state_bits must be 8 or 32, got {options['state_bits']!r}")
         check_block_size(options["block_size"])
-        if isinstance(options["min_8bit_size"], bool) or not isinstance(
-            options["min_8bit_size"], int
-        ) or options["min_8bit_size"] < 0:
+        size = options["min_8bit_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"min_8bit_size must be a non-negative int, got {size!r}")
+        if options["differentiable"] is not False:
             raise ValueError(
-                f"min_8bit_size must be a non-negative int, got {options['min_8bit_size']!r}"
+                f"{cls.__name__} does not support differentiable={options['differentiable']!r}: "
+                "quantized state has no gradient"
             )
-        super().add_param_group(param_group)
+        for key in ("foreach", "fused"):
+            if options[key] is not None:
+                out[key] = check_flag(key, options[key])
+        for key in ("capturable", "bf16_stochastic_rounding", "maximize"):
+            out[key] = check_flag(key, options[key])
+        return out
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, after checking the group's options and parameters.
+
+        Parameters must be floating point (float32, float16 or bfloat16), dense, and listed once:
+        a parameter in two groups is refused by torch ("some parameters appear in more than one
+        parameter group"); one listed twice in a group is refused here (torch only warns), since
+        it would be updated twice per step.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list instead."
+            )
+        else:
+            params = list(params)
+        seen = set()
+        for p in params:
+            check_param(p)
+            if id(p) in seen:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} appears twice in one parameter group; "
+                    "list each parameter once (e.g. dict.fromkeys(params) drops repeats): it would "
+                    "be updated twice per step"
+                )
+            seen.add(id(p))
+        options = self.check_options({
+            **self.defaults, **{k: v for k, v in param_group.items() if k != "params"}
+        })
+        super().add_param_group({
+            **param_group, **{k: options[k] for k in param_group if k != "params"},
+            "params": params,
+        })
 
     # -- state -----------------------------------------------------------------------------
 
@@ -152,13 +271,17 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        # Everything is checked before any state is created or any step counted, so a step
+        # that raises changes nothing.
+        work = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        for params in work:
+            for p in params:
+                check_grad(p, p.grad)
+        for group, group_params in zip(self.param_groups, work, strict=True):
             # One functional call per (device, 8-bit or not): each call sees a single device.
             buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
             steps = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in group_params:
                 state = self.state[p]
                 self._fill_state(p, group, state)
                 steps.append(state["step"])
@@ -185,94 +308,3 @@ class Optimizer8bit(torch.optim.Optimizer):
             for key in keys:
                 out.append([s[key] for s in states] if all(key in s for s in states) else None)
         return out
-
-
-# -- checkpoints -------------------------------------------------------------------------------
-# torch's load_state_dict casts every floating state to the parameter's dtype (and, for float
-# parameters, the uint8 codes too). The pre-hook checks the whole state_dict before anything
-# changes, then hands torch a state_dict without per-parameter state; the post-hook installs that
-# state itself, with each tensor's dtype kept and its device set by the parameter.
-
-
-def _check_and_stash_state(optimizer: Optimizer8bit, state_dict: dict) -> dict:
-    name = type(optimizer).__name__
-    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-        raise ValueError(f"{name}.load_state_dict needs a dict with 'state' and 'param_groups'")
-    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
-    if len(groups) != len(saved_groups):
-        raise ValueError(
-            f"state_dict has {len(saved_groups)} param groups but this {name} has {len(groups)}; "
-            "build the optimizer with the same param groups as the one that was saved"
-        )
-    params_of_id = {}
-    for i, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
-        if len(group["params"]) != len(saved["params"]):
-            raise ValueError(
-                f"param group {i} holds {len(group['params'])} parameters but the state_dict's "
-                f"holds {len(saved['params'])}; the group layout must match the saved one"
-            )
-        missing = set(optimizer.defaults) - set(saved)
-        if missing:
-            raise ValueError(
-                f"param group {i} of the state_dict lacks {sorted(missing)}: it was not saved by "
-                f"{name} (a different optimizer class or a torch.optim optimizer)"
-            )
-        check_block_size(saved["block_size"])
-        for pid, p in zip(saved["params"], group["params"], strict=True):
-            params_of_id[pid] = (p, saved)
-    for pid, state in state_dict["state"].items():
-        if pid not in params_of_id:
-            raise ValueError(f"state_dict holds state for parameter id {pid}, which no group lists")
-        p, saved = params_of_id[pid]
-        _check_param_state(optimizer, state, local_tensor(p), saved, pid)
-    optimizer._eightbit_pending_state = (
-        [pid for g in saved_groups for pid in g["params"]], state_dict["state"]
-    )
-    return {**state_dict, "state": {}}
-
-
-def _check_param_state(optimizer, state: dict, local: torch.Tensor, group: dict, pid) -> None:
-    name = type(optimizer).__name__
-    specs = optimizer.state_specs
-    eight_bit = f"{specs[0].name}_codes" in state
-    expected = {}
-    for spec in specs:
-        if eight_bit:
-            blocks = num_blocks(local.numel(), group["block_size"])
-            expected[f"{spec.name}_codes"] = (torch.uint8, local.shape, spec)
-            expected[f"{spec.name}_absmax"] = (torch.float32, torch.Size([blocks]), spec)
-        else:
-            expected[spec.name] = (torch.float32, local.shape, spec)
-    unknown = set(state) - set(expected) - {"step"}
-    missing = {k for k, (_, _, spec) in expected.items() if spec.enabled(group)} - set(state)
-    if unknown or missing or not isinstance(state.get("step"), torch.Tensor):
-        raise ValueError(
-            f"the state of parameter {pid} has keys {sorted(state)}, which do not fit {name} "
-            f"(unknown {sorted(unknown)}, missing {sorted(missing | ({'step'} - set(state)))}); "
-            "was it saved by a different optimizer?"
-        )
-    for key, (dtype, shape, _) in expected.items():
-        value = state.get(key)
-        if value is not None and (value.dtype != dtype or value.shape != shape):
-            raise ValueError(
-                f"state {key!r} of parameter {pid} is {value.dtype} of shape {tuple(value.shape)}, "
-                f"but this parameter needs {dtype} of shape {tuple(shape)} (block_size "
-                f"{group['block_size']}); the state_dict belongs to a different model or setting"
-            )
-
-
-def _restore_state(optimizer: Optimizer8bit) -> None:
-    pending = optimizer.__dict__.pop("_eightbit_pending_state", None)
-    if pending is None:
-        return
-    saved_ids, saved_state = pending
-    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
-    for pid, p in zip(saved_ids, params, strict=True):
-        if pid not in saved_state:
-            continue
-        local = local_tensor(p)
-        step_device = local.device if local.device.type == "cuda" else torch.device("cpu")
-        optimizer.state[p] = {
-            key: value.to(step_device if key == "step" else local.device, copy=True)
-            for key, value in saved_state[pid].items()
-        }

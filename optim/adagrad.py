@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import adagrad8bit_update, adagrad32bit_update
-from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec
+from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec, check_real
 
 __all__ = ["Adagrad8bit"]
 
@@ -67,14 +67,6 @@ class Adagrad8bit(Optimizer8bit):
         state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
-        if not 0.0 <= lr_decay:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not 0.0 <= initial_accumulator_value:
-            raise ValueError(
-                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
-            )
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
@@ -84,6 +76,14 @@ class Adagrad8bit(Optimizer8bit):
             state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
             foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        for name, key in (("lr_decay value", "lr_decay"), ("epsilon value", "eps"),
+                          ("initial_accumulator_value value", "initial_accumulator_value")):
+            out[key] = check_real(name, out[key])
+        return out
 
     def _fill_state(self, p, group, state):
         """The base's state creation, then ``sum`` set to ``initial_accumulator_value``."""

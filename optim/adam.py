@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..functional import adam8bit_update, adam32bit_update
-from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec
+from ._base import (
+    EXTRA_ARGS_DOC,
+    Optimizer8bit,
+    StateSpec,
+    check_betas,
+    check_flag,
+    check_real,
+)
 
 __all__ = ["Adam8bit", "AdamW8bit"]
 
@@ -72,13 +79,8 @@ class Adam8bit(Optimizer8bit):
         state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         defaults = dict(
-            lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(
@@ -86,6 +88,15 @@ class Adam8bit(Optimizer8bit):
             state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
             foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        out["betas"] = check_betas(out["betas"], high_open=True)
+        check_real("epsilon value", out["eps"])
+        for key in ("amsgrad", "decoupled_weight_decay"):
+            out[key] = check_flag(key, out[key])
+        return out
 
     def _update(self, group, params, grads, states, eight_bit):
         beta1, beta2 = group["betas"]
@@ -119,7 +130,13 @@ class AdamW8bit(Adam8bit):
     Example:
         >>> model = torch.nn.Linear(128, 64)
         >>> opt = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    Decoupled decay is what makes it AdamW: it stays on when a param group or a loaded
+    checkpoint (Adam8bit's, say) says ``decoupled_weight_decay=False``, as torch.optim.AdamW
+    keeps it when it loads torch.optim.Adam's state_dict.
     """
+
+    fixed_options = {"decoupled_weight_decay": True}
 
     def __init__(
         self,

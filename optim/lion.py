@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import lion8bit_update, lion32bit_update
-from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec
+from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec, check_betas
 
 __all__ = ["Lion8bit"]
 
@@ -55,11 +55,8 @@ class Lion8bit(Optimizer8bit):
         state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
-        for i, beta in enumerate(betas):
-            if not 0.0 <= float(beta) <= 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         defaults = dict(
-            lr=lr, betas=tuple(float(b) for b in betas), weight_decay=weight_decay,
+            lr=lr, betas=betas, weight_decay=weight_decay,
             maximize=maximize,
         )
         super().__init__(
@@ -67,6 +64,12 @@ class Lion8bit(Optimizer8bit):
             state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
             foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        out["betas"] = check_betas(options["betas"], high_open=False)
+        return out
 
     def _update(self, group, params, grads, states, eight_bit):
         beta1, beta2 = group["betas"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import rmsprop8bit_update, rmsprop32bit_update
-from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec
+from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec, check_flag, check_real
 
 __all__ = ["RMSprop8bit"]
 
@@ -65,12 +65,6 @@ class RMSprop8bit(Optimizer8bit):
         state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= alpha:
-            raise ValueError(f"Invalid alpha value: {alpha}")
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
             centered=centered, maximize=maximize,
@@ -80,6 +74,15 @@ class RMSprop8bit(Optimizer8bit):
             state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
             foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        for key, name in (("eps", "epsilon value"), ("momentum", "momentum value"),
+                          ("alpha", "alpha value")):
+            check_real(name, options[key])
+        out["centered"] = check_flag("centered", options["centered"])
+        return out
 
     def _update(self, group, params, grads, states, eight_bit):
         kw = dict(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import sgd8bit_update, sgd32bit_update
-from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec
+from ._base import EXTRA_ARGS_DOC, Optimizer8bit, StateSpec, check_flag, check_real
 
 __all__ = ["SGD8bit"]
 
@@ -66,10 +66,6 @@ class SGD8bit(Optimizer8bit):
         state_bits: int = 8,
         bf16_stochastic_rounding: bool = False,
     ) -> None:
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize,
@@ -79,6 +75,16 @@ class SGD8bit(Optimizer8bit):
             state_bits=state_bits, bf16_stochastic_rounding=bf16_stochastic_rounding,
             foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
         )
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        out["momentum"] = check_real("momentum value", out["momentum"])
+        out["dampening"] = check_real("dampening value", out["dampening"])
+        out["nesterov"] = check_flag("nesterov", out["nesterov"])
+        if out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        return out
 
     def _update(self, group, params, grads, states, eight_bit):
         kw = dict(

@@ -45,6 +45,9 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 64, 4096
+# A non-contiguous input is quantized in block-aligned chunks of this many elements, each copied
+# contiguous on its own (16 MiB of fp32), so the copy never grows with the tensor.
+COPY_CHUNK_ELEMENTS = 1 << 22
 
 
 def check_block_size(block_size: int) -> int:
@@ -177,14 +180,25 @@ class QuantizedTensor:
 
     @classmethod
     def from_dict(cls, state: dict) -> QuantizedTensor:
-        """Rebuild from :meth:`to_dict` output; ``ValueError`` for missing or mismatched parts."""
+        """Rebuild from :meth:`to_dict` output; ``ValueError``/``TypeError`` for missing,
+        mismatched or impossible parts (a codebook that is not 256 increasing finite values, a
+        negative absmax; NaN is what a block holding inf or NaN gets, so it is kept)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a quantized tensor dict must be a dict, got {type(state).__name__}")
         missing = {"codes", "absmax", "codebook", "block_size", "dtype"} - set(state)
         if missing:
             raise ValueError(f"quantized tensor dict is missing {sorted(missing)}")
-        dtype = getattr(torch, str(state["dtype"]), None)
+        dtype = state["dtype"]
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"quantized tensor dict has unknown dtype {state['dtype']!r}")
-        return cls(state["codes"], state["absmax"], state["codebook"], state["block_size"], dtype)
+        q = cls(state["codes"], state["absmax"], state["codebook"], state["block_size"], dtype)
+        if q.codebook.device.type != "meta":
+            check_codebook(q.codebook)
+        if q.absmax.device.type != "meta" and bool((q.absmax < 0).any()):
+            raise ValueError("quantized tensor dict has a negative absmax (a block's largest "
+                             "magnitude is >= 0): the data is corrupt")
+        return q
 
 
 def _memory(t: torch.Tensor) -> tuple[int, int]:
@@ -216,6 +230,9 @@ def _check_parts(
 ) -> None:
     check_block_size(block_size)
     check_codebook(codebook, check_values=False)
+    for name, t in (("codes", codes), ("absmax", absmax), ("codebook", codebook)):
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+            raise TypeError(f"{name} has layout {t.layout}; pass a dense tensor (.to_dense())")
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes))}")
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
@@ -249,7 +266,35 @@ def _resolve_codebook(codebook: torch.Tensor | None, device: torch.device) -> to
     # A user's codebook is checked in full; on an accelerator that costs one synchronisation,
     # which is why the optimizers use the cached codebooks of get_codebook instead.
     check_codebook(codebook)
-    return codebook
+    return _plain(codebook)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """What the backends take: no autograd history (the CPU kernels read numpy views, which a
+    tensor requiring grad refuses) and contiguous memory (a copy only for a strided view)."""
+    return t.detach().contiguous()
+
+
+def _flat_segment(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``x.reshape(-1)[start:end]`` as a contiguous tensor, copying O(end - start) elements of
+    ``x`` (``reshape`` would copy all of a non-contiguous ``x``).
+
+    The range covers whole rows of dim 0 plus a partial one at each end: when a row is no longer
+    than the range, the rows it touches are copied together (at most three times the range);
+    a longer row is cut the same way one dimension down.
+    """
+    if x.is_contiguous():
+        return x.view(-1)[start:end]
+    if x.dim() == 1:
+        return x[start:end].contiguous()
+    row = x[0].numel()
+    first, last = start // row, -(-end // row)
+    if row <= end - start:
+        return x[first:last].contiguous().view(-1)[start - first * row : end - first * row]
+    return torch.cat([
+        _flat_segment(x[r], max(start, r * row) - r * row, min(end, (r + 1) * row) - r * row)
+        for r in range(first, last)
+    ])
 
 
 def quantize_blockwise(
@@ -298,10 +343,21 @@ def quantize_blockwise(
                 f"out codes must be a contiguous uint8 tensor of x's shape {tuple(x.shape)}, "
                 f"got shape {tuple(codes.shape)}"
             )
+        if not absmax.is_contiguous():
+            raise ValueError("out absmax must be contiguous (a fresh torch.empty(n_blocks))")
         _check_no_overlap(codes, "out codes", {"x": x, "out absmax": absmax})
         _check_no_overlap(absmax, "out absmax", {"x": x})
-    if x.numel():
-        _backend(x.device).quantize(x, codes, absmax, codebook, block_size)
+    backend, values = _backend(x.device), x.detach()
+    if values.is_contiguous():
+        if values.numel():
+            backend.quantize(values, codes, absmax, codebook, block_size)
+    else:  # chunk by chunk, so no contiguous copy of the whole tensor is made
+        flat_codes = codes.view(-1)
+        for start, end in _torch.chunks(values.numel(), block_size, COPY_CHUNK_ELEMENTS):
+            first = start // block_size
+            backend.quantize(_flat_segment(values, start, end), flat_codes[start:end],
+                             absmax[first : first + num_blocks(end - start, block_size)],
+                             codebook, block_size)
     return QuantizedTensor(codes, absmax, codebook, block_size, x.dtype)
 
 
@@ -363,5 +419,6 @@ def dequantize_blockwise(
             )
         _check_no_overlap(out, "out", {"codes": codes, "absmax": absmax})
     if codes.numel():
-        _backend(codes.device).dequantize(codes.contiguous(), absmax, codebook, block_size, out)
+        _backend(codes.device).dequantize(_plain(codes), _plain(absmax), _plain(codebook),
+                                          block_size, out.detach())
     return out
