@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from ..quant import check_block_size, get_codebook, num_blocks
+from ..quant import check_block_size, get_codebook
+from . import _distributed
+from ._distributed import local_tensor
 
 # Options every 8-bit optimizer adds to its torch counterpart's, documented once.
 EXTRA_ARGS_DOC = """block_size (int): elements per absmax block of the 8-bit states (power of two,
@@ -46,12 +48,6 @@ class StateSpec:
 def zero_code(signed: bool) -> int:
     """The code of 0.0 in the dynamic map (what a fresh 8-bit state holds)."""
     return int(torch.nonzero(get_codebook("dynamic", signed=signed) == 0).item())
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a rank holds: a DTensor's local shard, any other tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -100,6 +96,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(_check_and_stash_state)
         self.register_load_state_dict_post_hook(_restore_state)
+        self.register_state_dict_post_hook(_portable_state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, after checking state_bits, block_size and min_8bit_size."""
@@ -132,12 +129,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         for spec in self.state_specs:
             if not spec.enabled(group) or spec.name in state or f"{spec.name}_codes" in state:
                 continue
-            if eight_bit:
+            if _distributed.is_sharded(p):  # DTensor states that DCP can reshard
+                state.update(_distributed.fresh_state(
+                    p, spec.name, zero_code(spec.signed), torch.float32, eight_bit,
+                    group["block_size"]))
+            elif eight_bit:
                 state[f"{spec.name}_codes"] = torch.full(
                     local.shape, zero_code(spec.signed), dtype=torch.uint8, device=local.device
                 )
                 state[f"{spec.name}_absmax"] = torch.zeros(
-                    num_blocks(local.numel(), group["block_size"]), device=local.device
+                    _distributed.absmax_shape(local, group["block_size"]), device=local.device
                 )
             else:
                 state[spec.name] = torch.zeros(local.shape, dtype=torch.float32,
@@ -162,12 +163,14 @@ class Optimizer8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 self._fill_state(p, group, state)
                 steps.append(state["step"])
-                local = local_tensor(p)
-                key = (local.device, f"{self.state_specs[0].name}_codes" in state)
+                key = (local_tensor(p).device, f"{self.state_specs[0].name}_codes" in state)
                 params, grads, states = buckets[key]
-                params.append(local)
-                grads.append(local_tensor(p.grad))
-                states.append(state)
+                for local, grad, local_state in _distributed.step_views(
+                    p, state, group["block_size"]
+                ):
+                    params.append(local)
+                    grads.append(grad)
+                    states.append(local_state)
             if steps:  # one op for the group, as torch.optim's foreach and fused paths do
                 torch._foreach_add_(steps, 1)
             for (_, eight_bit), (params, grads, states) in buckets.items():
@@ -224,25 +227,27 @@ def _check_and_stash_state(optimizer: Optimizer8bit, state_dict: dict) -> dict:
         if pid not in params_of_id:
             raise ValueError(f"state_dict holds state for parameter id {pid}, which no group lists")
         p, saved = params_of_id[pid]
-        _check_param_state(optimizer, state, local_tensor(p), saved, pid)
+        _check_param_state(optimizer, state, p, saved, pid)
     optimizer._eightbit_pending_state = (
         [pid for g in saved_groups for pid in g["params"]], state_dict["state"]
     )
     return {**state_dict, "state": {}}
 
 
-def _check_param_state(optimizer, state: dict, local: torch.Tensor, group: dict, pid) -> None:
+def _check_param_state(optimizer, state: dict, p: torch.Tensor, group: dict, pid) -> None:
     name = type(optimizer).__name__
     specs = optimizer.state_specs
     eight_bit = f"{specs[0].name}_codes" in state
     expected = {}
-    for spec in specs:
+    for spec in specs:  # shapes are global: a DTensor's, and its states' as state_dict() has them
         if eight_bit:
-            blocks = num_blocks(local.numel(), group["block_size"])
-            expected[f"{spec.name}_codes"] = (torch.uint8, local.shape, spec)
-            expected[f"{spec.name}_absmax"] = (torch.float32, torch.Size([blocks]), spec)
+            absmax = {torch.Size(_distributed.absmax_shape(p, group["block_size"]))}
+            if not _distributed.is_sharded(p):  # also a sharded run's full state_dict
+                absmax.add(torch.Size(_distributed.absmax_shape_sharded(p, group["block_size"])))
+            expected[f"{spec.name}_codes"] = (torch.uint8, {p.shape}, spec)
+            expected[f"{spec.name}_absmax"] = (torch.float32, absmax, spec)
         else:
-            expected[spec.name] = (torch.float32, local.shape, spec)
+            expected[spec.name] = (torch.float32, {p.shape}, spec)
     unknown = set(state) - set(expected) - {"step"}
     missing = {k for k, (_, _, spec) in expected.items() if spec.enabled(group)} - set(state)
     if unknown or missing or not isinstance(state.get("step"), torch.Tensor):
@@ -253,10 +258,11 @@ def _check_param_state(optimizer, state: dict, local: torch.Tensor, group: dict,
         )
     for key, (dtype, shape, _) in expected.items():
         value = state.get(key)
-        if value is not None and (value.dtype != dtype or value.shape != shape):
+        if value is not None and (value.dtype != dtype or value.shape not in shape):
             raise ValueError(
                 f"state {key!r} of parameter {pid} is {value.dtype} of shape {tuple(value.shape)}, "
-                f"but this parameter needs {dtype} of shape {tuple(shape)} (block_size "
+                f"but this parameter needs {dtype} of shape "
+                f"{' or '.join(str(tuple(s)) for s in shape)} (block_size "
                 f"{group['block_size']}); the state_dict belongs to a different model or setting"
             )
 
@@ -267,12 +273,26 @@ def _restore_state(optimizer: Optimizer8bit) -> None:
         return
     saved_ids, saved_state = pending
     params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    signed = {spec.name: spec.signed for spec in optimizer.state_specs}
     for pid, p in zip(saved_ids, params, strict=True):
         if pid not in saved_state:
             continue
         local = local_tensor(p)
         step_device = local.device if local.device.type == "cuda" else torch.device("cpu")
-        optimizer.state[p] = {
+        state = {
             key: value.to(step_device if key == "step" else local.device, copy=True)
             for key, value in saved_state[pid].items()
         }
+        _distributed.restore_state(p, state, group_of[id(p)]["block_size"], signed)
+        optimizer.state[p] = state
+
+
+def _portable_state(optimizer: Optimizer8bit, state_dict: dict) -> dict:
+    """state_dict()'s post-hook: each parameter's state in the layout DCP can reshard."""
+    state = dict(state_dict["state"])
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        for pid, p in zip(saved["params"], group["params"], strict=True):
+            if pid in state:
+                state[pid] = _distributed.portable_state(p, state[pid], group["block_size"])
+    return {**state_dict, "state": state}
