@@ -146,9 +146,18 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     # -- step --------------------------------------------------------------------------------
 
+    @torch.compiler.disable(reason=(
+        "eightbit: the 8-bit optimizer step runs eagerly (fused kernels); with fullgraph=True, "
+        "call optimizer.step() outside the compiled function"))
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` the step runs eagerly (a graph break): the fused kernels are
+        opaque to dynamo, and the step is one kernel call per bucket, which compiling would not
+        speed up. With ``fullgraph=True`` dynamo refuses the break; compile the forward and
+        backward, and call ``step()`` outside the compiled function.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
