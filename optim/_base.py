@@ -50,6 +50,18 @@ def zero_code(signed: bool) -> int:
     return int(torch.nonzero(get_codebook("dynamic", signed=signed) == 0).item())
 
 
+def _break_graph_at_step() -> None:
+    """Make ``Optimizer8bit.step`` a graph break under torch.compile, once, at the first
+    construction (before torch patches the subclasses' step): torch.compiler.disable imports
+    dynamo, most of a second that ``import eightbit`` does not pay."""
+    if not getattr(Optimizer8bit.step, "_eightbit_disabled", False):
+        step = torch.compiler.disable(Optimizer8bit.step, reason=(
+            "eightbit: the 8-bit optimizer step runs eagerly (fused kernels); with fullgraph=True, "
+            "call optimizer.step() outside the compiled function"))
+        step._eightbit_disabled = True
+        Optimizer8bit.step = step
+
+
 class Optimizer8bit(torch.optim.Optimizer):
     """Base class of the 8-bit optimizers; subclasses set ``state_specs`` and ``_update``."""
 
@@ -69,6 +81,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         capturable: bool,
         differentiable: bool,
     ) -> None:
+        _break_graph_at_step()
         name = type(self).__name__
         if differentiable:
             raise ValueError(
@@ -146,9 +159,6 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     # -- step --------------------------------------------------------------------------------
 
-    @torch.compiler.disable(reason=(
-        "eightbit: the 8-bit optimizer step runs eagerly (fused kernels); with fullgraph=True, "
-        "call optimizer.step() outside the compiled function"))
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` re-evaluates the model and returns the loss.

@@ -23,18 +23,22 @@ Plain (non-DTensor) parameters keep the flat layout of :mod:`eightbit.quant` (un
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ..quant import get_codebook, get_midpoints, num_blocks
 from ..quant._torch import quantize_segment
 
 
 def is_sharded(p: torch.Tensor) -> bool:
-    """Whether ``p`` is a DTensor, whose states get the layout of this module."""
-    return isinstance(p, DTensor)
+    """Whether ``p`` is a DTensor, whose states get the layout of this module.
+
+    torch.distributed.tensor is not imported here (it costs most of a second): where nothing has
+    imported it, no DTensor exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +51,9 @@ def _row_length(p: torch.Tensor) -> int:
     return p[0].numel() if p.dim() >= 2 and p.shape[0] > 0 else max(1, p.numel())
 
 
-def _check_placements(p: DTensor) -> None:
+def _check_placements(p) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
     for placement in p.placements:
         if not (isinstance(placement, Replicate) or placement == Shard(0)):
             raise NotImplementedError(
@@ -57,15 +63,19 @@ def _check_placements(p: DTensor) -> None:
             )
 
 
-def _wrap(p: DTensor, local: torch.Tensor, shape: tuple[int, ...]) -> DTensor:
+def _wrap(p, local: torch.Tensor, shape: tuple[int, ...]):
     """``local`` as a DTensor of global ``shape`` on ``p``'s mesh with ``p``'s placements."""
+    from torch.distributed.tensor import DTensor
+
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                               shape=torch.Size(shape), stride=stride)
 
 
-def _offset_1d(p: DTensor) -> int:
+def _offset_1d(p) -> int:
     """The global index of the first element of this rank's shard of a 1-D DTensor."""
+    from torch.distributed.tensor import Shard
+
     start, size = 0, p.shape[0]
     coordinate = p.device_mesh.get_coordinate() or [0] * p.device_mesh.ndim
     for placement, index, ranks in zip(p.placements, coordinate, p.device_mesh.shape,
@@ -101,7 +111,7 @@ def absmax_shape_sharded(p: torch.Tensor, block_size: int) -> tuple[int, ...]:
     return tuple(p.shape) or (1,)
 
 
-def fresh_state(p: DTensor, key: str, fill: float, dtype: torch.dtype, eight_bit: bool,
+def fresh_state(p, key: str, fill: float, dtype: torch.dtype, eight_bit: bool,
                 block_size: int) -> dict[str, torch.Tensor]:
     """One state of a DTensor parameter: fp32 (``key``) or codes filled with ``fill`` + absmax."""
     local = p.to_local()
@@ -133,7 +143,7 @@ def step_views(p: torch.Tensor, state: dict, block_size: int) -> Iterator[tuple]
         yield local_tensor(p), local_tensor(p.grad), state
         return
     local, grad = p.to_local(), p.grad.to_local()
-    st = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+    st = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
     absmax_keys = [k for k in st if k.endswith("_absmax")]
     if not absmax_keys:  # fp32 state
         yield local, grad, st
@@ -194,6 +204,8 @@ def restore_state(p: torch.Tensor, state: dict, block_size: int, signed: dict[st
                 if value.placements != p.placements or value.device_mesh != p.device_mesh:
                     value = value.redistribute(p.device_mesh, p.placements)
             else:  # a full tensor (a full state_dict): keep this rank's piece
+                from torch.distributed.tensor import distribute_tensor
+
                 value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
             state[key] = value
         elif is_sharded(value):

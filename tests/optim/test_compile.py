@@ -52,4 +52,4 @@ def test_fullgraph_names_the_way_out():
     model, opt = make(AdamW8bit)
     model(torch.randn(4, 64)).sum().backward()
     with pytest.raises(Exception, match="call optimizer.step\\(\\) outside the compiled"):
-        torch.compile(opt.step, fullgraph=True)()
+        torch.compile(lambda: opt.step(), fullgraph=True)()
