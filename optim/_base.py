@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..quant import FLOAT_DTYPES, check_block_size, get_codebook, num_blocks
-from . import _checkpoint
+from ..quant import FLOAT_DTYPES, check_block_size, get_codebook
+from . import _checkpoint, _distributed
+from ._distributed import local_tensor
 
 # Options every 8-bit optimizer adds to its torch counterpart's, documented once.
 EXTRA_ARGS_DOC = """block_size (int): elements per absmax block of the 8-bit states (power of two,
@@ -51,10 +52,16 @@ def zero_code(signed: bool) -> int:
     return int(torch.nonzero(get_codebook("dynamic", signed=signed) == 0).item())
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a rank holds: a DTensor's local shard, any other tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+def _break_graph_at_step() -> None:
+    """Make ``Optimizer8bit.step`` a graph break under torch.compile, once, at the first
+    construction (before torch patches the subclasses' step): torch.compiler.disable imports
+    dynamo, most of a second that ``import eightbit`` does not pay."""
+    if not getattr(Optimizer8bit.step, "_eightbit_disabled", False):
+        step = torch.compiler.disable(Optimizer8bit.step, reason=(
+            "eightbit: the 8-bit optimizer step runs eagerly (fused kernels); with fullgraph=True, "
+            "call optimizer.step() outside the compiled function"))
+        step._eightbit_disabled = True
+        Optimizer8bit.step = step
 
 
 def check_real(
@@ -147,6 +154,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         capturable: bool,
         differentiable: bool,
     ) -> None:
+        _break_graph_at_step()
         if differentiable:
             raise ValueError(
                 f"{type(self).__name__} does not support differentiable=True: quantized state has "
@@ -165,6 +173,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         )
         super().__init__(params, self.check_options(defaults))
         _checkpoint.register_hooks(self)
+        self.register_state_dict_post_hook(_portable_state)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -251,12 +260,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         for spec in self.state_specs:
             if not spec.enabled(group) or spec.name in state or f"{spec.name}_codes" in state:
                 continue
-            if eight_bit:
+            if _distributed.is_sharded(p):  # DTensor states that DCP can reshard
+                state.update(_distributed.fresh_state(
+                    p, spec.name, zero_code(spec.signed), torch.float32, eight_bit,
+                    group["block_size"]))
+            elif eight_bit:
                 state[f"{spec.name}_codes"] = torch.full(
                     local.shape, zero_code(spec.signed), dtype=torch.uint8, device=local.device
                 )
                 state[f"{spec.name}_absmax"] = torch.zeros(
-                    num_blocks(local.numel(), group["block_size"]), device=local.device
+                    _distributed.absmax_shape(local, group["block_size"]), device=local.device
                 )
             else:
                 state[spec.name] = torch.zeros(local.shape, dtype=torch.float32,
@@ -266,7 +279,13 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` the step runs eagerly (a graph break): the fused kernels are
+        opaque to dynamo, and the step is one kernel call per bucket, which compiling would not
+        speed up. With ``fullgraph=True`` dynamo refuses the break; compile the forward and
+        backward, and call ``step()`` outside the compiled function.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -285,12 +304,14 @@ class Optimizer8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 self._fill_state(p, group, state)
                 steps.append(state["step"])
-                local = local_tensor(p)
-                key = (local.device, f"{self.state_specs[0].name}_codes" in state)
+                key = (local_tensor(p).device, f"{self.state_specs[0].name}_codes" in state)
                 params, grads, states = buckets[key]
-                params.append(local)
-                grads.append(local_tensor(p.grad))
-                states.append(state)
+                for local, grad, local_state in _distributed.step_views(
+                    p, state, group["block_size"]
+                ):
+                    params.append(local)
+                    grads.append(grad)
+                    states.append(local_state)
             if steps:  # one op for the group, as torch.optim's foreach and fused paths do
                 torch._foreach_add_(steps, 1)
             for (_, eight_bit), (params, grads, states) in buckets.items():
@@ -308,3 +329,13 @@ class Optimizer8bit(torch.optim.Optimizer):
             for key in keys:
                 out.append([s[key] for s in states] if all(key in s for s in states) else None)
         return out
+
+
+def _portable_state(optimizer: Optimizer8bit, state_dict: dict) -> dict:
+    """state_dict()'s post-hook: each parameter's state in the layout DCP can reshard."""
+    state = dict(state_dict["state"])
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        for pid, p in zip(saved["params"], group["params"], strict=True):
+            if pid in state:
+                state[pid] = _distributed.portable_state(p, state[pid], group["block_size"])
+    return {**state_dict, "state": state}

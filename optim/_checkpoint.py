@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..quant import num_blocks
-from . import _base  # a cycle: _base registers these hooks; names are looked up at call time
+# _base is a cycle (it registers these hooks): its names are looked up at call time
+from . import _base, _distributed
 
 _PENDING = "_eightbit_pending_state"
 
@@ -33,17 +33,21 @@ def register_hooks(optimizer: torch.optim.Optimizer) -> None:
 
 
 def expected_state(optimizer, p: torch.Tensor, group: dict, eight_bit: bool) -> dict:
-    """``{key: (dtype, local shape, spec)}`` of every state tensor ``p`` may hold (``step``
-    aside); a spec whose ``enabled(group)`` is false may be absent."""
-    local = _base.local_tensor(p)
+    """``{key: (dtype, shapes, spec)}`` of every state tensor ``p`` may hold (``step`` aside):
+    the global shapes ``state_dict()`` gives them (a DTensor's, see :mod:`._distributed`); a
+    plain parameter also takes a sharded run's full absmax. A spec whose ``enabled(group)`` is
+    false may be absent."""
+    block_size = group["block_size"]
+    absmax = {torch.Size(_distributed.absmax_shape(p, block_size))}
+    if not _distributed.is_sharded(p):
+        absmax.add(torch.Size(_distributed.absmax_shape_sharded(p, block_size)))
     out = {}
     for spec in optimizer.state_specs:
         if eight_bit:
-            blocks = num_blocks(local.numel(), group["block_size"])
-            out[f"{spec.name}_codes"] = (torch.uint8, local.shape, spec)
-            out[f"{spec.name}_absmax"] = (torch.float32, torch.Size([blocks]), spec)
+            out[f"{spec.name}_codes"] = (torch.uint8, {p.shape}, spec)
+            out[f"{spec.name}_absmax"] = (torch.float32, absmax, spec)
         else:
-            out[spec.name] = (torch.float32, local.shape, spec)
+            out[spec.name] = (torch.float32, {p.shape}, spec)
     return out
 
 
@@ -144,8 +148,12 @@ def prepare_param_state(optimizer, state: Any, p: torch.Tensor, group: dict, pid
     for key, (dtype, shape, spec) in expected.items():
         if key in state:
             value = prepare_tensor(state[key], dtype, shape, state_device(p, key), key, pid, group)
-            check_values(value, key, spec, pid)
+            check_values(_base.local_tensor(value), key, spec, pid)
             out[key] = value
+    # into this run's layout (resharded, or requantized where blocks were cut), still before
+    # anything changes
+    signed = {spec.name: spec.signed for spec in optimizer.state_specs}
+    _distributed.restore_state(p, out, group["block_size"], signed)
     return out
 
 
@@ -170,9 +178,10 @@ def prepare_step(step: Any, device: torch.device, pid) -> torch.Tensor:
     return step
 
 
-def prepare_tensor(value: Any, dtype: torch.dtype, shape: torch.Size, device: torch.device,
+def prepare_tensor(value: Any, dtype: torch.dtype, shapes: set, device: torch.device,
                    key: str, pid, group: dict) -> torch.Tensor:
-    """A copy of one state tensor on ``device``, contiguous, after its dtype/shape/layout check.
+    """A copy of one state tensor on ``device``, contiguous, after its dtype/shape/layout check
+    (a DTensor is checked by its global shape and stays a DTensor, on its mesh).
 
     A non-contiguous tensor is repaired (copied contiguous); a sparse one is refused.
     """
@@ -182,12 +191,14 @@ def prepare_tensor(value: Any, dtype: torch.dtype, shape: torch.Size, device: to
     local = _base.local_tensor(value)
     if local.layout != torch.strided:
         raise ValueError(f"{where} has layout {local.layout}; save dense state (.to_dense())")
-    if local.dtype != dtype or local.shape != shape:
+    if local.dtype != dtype or value.shape not in shapes:
         raise ValueError(
-            f"{where} is {local.dtype} of shape {tuple(local.shape)}, but this parameter needs "
-            f"{dtype} of shape {tuple(shape)} (block_size {group['block_size']}); the state_dict "
-            "belongs to a different model or setting"
+            f"{where} is {local.dtype} of shape {tuple(value.shape)}, but this parameter needs "
+            f"{dtype} of shape {' or '.join(str(tuple(s)) for s in shapes)} (block_size "
+            f"{group['block_size']}); the state_dict belongs to a different model or setting"
         )
+    if _distributed.is_sharded(value):
+        return value.detach().to(dtype=dtype, copy=True)
     return _move(local, dtype, device, where)
 
 

@@ -237,7 +237,7 @@ def test_launch_checks_dtypes_against_the_signature(recorded):
 
 def quantized(codes, absmax):
     """8-bit state lists as the public rules hand them to the CUDA kernels."""
-    return [Quantized(c, a, None, None) for c, a in zip(codes, absmax, strict=True)]
+    return [Quantized(c, a, None, None, False) for c, a in zip(codes, absmax, strict=True)]
 
 
 def _adam_state(params, block_size):

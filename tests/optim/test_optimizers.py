@@ -300,24 +300,29 @@ def test_state_is_created_from_the_local_tensor_and_the_size_rule_sees_the_whole
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_a_real_dtensor_parameter_in_a_one_rank_process_group():
     import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import DeviceMesh, DTensor, Shard, distribute_tensor
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
-        full = torch.randn(100, 60)
+        full = torch.randn(100, 512)  # rows of whole blocks: the flat blocking, bit for bit
         param = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
         ref = torch.nn.Parameter(full.clone())
         ours, theirs = Adam8bit([param]), Adam8bit([ref])
         for t in range(3):
-            g = torch.randn(100, 60, generator=torch.Generator().manual_seed(t))
+            g = torch.randn(100, 512, generator=torch.Generator().manual_seed(t))
             param.grad = distribute_tensor(g, mesh, [Shard(0)])
             ref.grad = g
             ours.step(), theirs.step()
         state = ours.state[param]
-        assert type(state["exp_avg_codes"]) is torch.Tensor  # plain local state
-        assert torch.equal(param.to_local(), ref.detach())  # one rank: the same as unsharded
-        assert torch.equal(state["exp_avg_codes"], theirs.state[ref]["exp_avg_codes"])
+        codes, absmax = state["exp_avg_codes"], state["exp_avg_absmax"]
+        # DTensor states, sharded like the parameter (tests/distributed checks what DCP does)
+        assert isinstance(codes, DTensor) and codes.placements == param.placements
+        assert isinstance(absmax, DTensor) and absmax.shape == (100, 2)
+        same = torch.equal(param.to_local(), ref.detach())  # one rank: the same as unsharded
+        same_codes = torch.equal(codes.to_local(), theirs.state[ref]["exp_avg_codes"])
+        same_absmax = torch.equal(absmax.to_local().view(-1), theirs.state[ref]["exp_avg_absmax"])
+        assert same and same_codes and same_absmax
     finally:
         dist.destroy_process_group()
 

@@ -98,27 +98,12 @@ def lr_bound(row, steps: int, lr: float, p_max: float) -> float | None:
 
 
 # ----------------------------------------------------------------------------- the backends
-# The numba kernels of this branch predate issue 17 (branch cpu implements the rule there):
-# set this to True when the two are merged, and the default-backend cases must pass.
-CPU_KERNELS_FOLLOW_ISSUE_17 = False
-
-
-def _numba_serves() -> bool:
-    from eightbit.quant import _native
-
-    return _native.kernels() is not None
-
-
 @pytest.fixture(params=["default", "torch", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request, monkeypatch):
-    """The CPU backend that serves by default, the torch path explicitly, and the CUDA kernels
-    (our optimizer on the GPU, the oracle on the CPU)."""
+    """The CPU backend that serves by default (the numba kernels where numba imports), the torch
+    path explicitly, and the CUDA kernels (our optimizer on the GPU, the oracle on the CPU)."""
     if request.param == "torch":
         monkeypatch.setenv("EIGHTBIT_CPU_BACKEND", "torch")
-    elif _numba_serves() and not CPU_KERNELS_FOLLOW_ISSUE_17:
-        # not strict: the old kernels pass the cases that the rule does not touch
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="the CPU kernels of this branch predate issue 17's rule"))
     return request.param
 
 
