@@ -7,8 +7,9 @@ This layer knows nothing of optimizers. Users call it directly::
     >>> q = quantize_blockwise(torch.randn(1024, 1024), block_size=256)
     >>> x = dequantize_blockwise(q)   # or q.dequantize()
 
-CUDA tensors are served by CuPy kernels (``pip install eightbit[cuda12]`` or ``[cuda13]``),
-every other device by the torch path; both give the same codes.
+CUDA tensors are served by CuPy kernels (``pip install eightbit[cuda12]`` or ``[cuda13]``), CPU
+tensors by the fused numba kernels when numba imports, every other device by the torch path; all
+give the same codes.
 """
 
 from .blockwise import (

@@ -21,8 +21,9 @@ zeros. A block holding inf or NaN gets ``a_b = NaN`` and dequantizes to NaN thro
 data is never turned into finite-looking values (and quantizing never synchronises the device to
 check for it).
 
-Backends: CUDA tensors use the CuPy kernels of :mod:`eightbit.quant.cuda`; every other device uses
-the torch path (:mod:`eightbit.quant._torch`). Both give identical codes and absmax.
+Backends: CUDA tensors use the CuPy kernels of :mod:`eightbit.quant.cuda`, CPU tensors the fused
+numba kernels (:mod:`eightbit.quant._native`) when numba imports, every other device the torch
+path (:mod:`eightbit.quant._torch`). All give identical codes and absmax.
 """
 
 from __future__ import annotations

@@ -24,11 +24,12 @@ import functools
 import pytest
 import torch
 from eightbit.functional import (
-    _chunked,
     _native,
+    adagrad8bit_update,
     adam8bit_update,
     lion8bit_update,
     rmsprop8bit_update,
+    sgd8bit_update,
 )
 from eightbit.quant import _native as quant_native
 from eightbit.quant import dequantize_blockwise, get_codebook, quantize_blockwise
@@ -77,64 +78,6 @@ def rmsprop(id, momentum=0.0, centered=False, **kw):
 def lion(id, **kw):
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False) | kw
     return Row(id, lion8bit_update, [("exp_avg", True, True)], kwargs, False, ("exp_avg",))
-
-
-# SGD8bit and Adagrad8bit: their public functions and torch paths live in functional/sgd.py and
-# functional/adagrad.py (branch newopt). Until those merge, the oracle below is the torch path
-# written from torch.optim.SGD / Adagrad's single-tensor code (BRIEF's interface contract), run
-# through the same chunked machinery (_chunked.for_each_chunk, issue 17's requantize).
-def _sgd_chunk(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, first):
-    if weight_decay != 0:
-        g = g.add(p, alpha=weight_decay)
-    if buf is not None:
-        if first:
-            buf.copy_(g)
-        else:
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)
-        g = g.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(g, alpha=-lr)
-
-
-def _adagrad_chunk(p, g, state_sum, *, clr, weight_decay, eps):
-    if weight_decay != 0:
-        g = g.add(p, alpha=weight_decay)
-    state_sum.addcmul_(g, g, value=1)
-    p.addcdiv_(g, state_sum.sqrt().add_(eps), value=-clr)
-
-
-def sgd8bit_update(params, grads, buf_codes, buf_absmax, steps, *, lr, momentum, dampening,
-                   weight_decay, nesterov, maximize, block_size, bf16_stochastic_rounding=False):
-    bufs = _chunked.quantized_states(buf_codes if momentum else None,
-                                     buf_absmax if momentum else None, params, signed=True,
-                                     block_size=block_size, name="momentum_buffer")
-    kw = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-              nesterov=nesterov, maximize=maximize, block_size=block_size,
-              bf16_stochastic_rounding=bf16_stochastic_rounding)
-    if _native.serves(params):
-        _native.sgd(params, grads, bufs, steps, **kw)
-        return
-    for p, g, b, step in zip(params, grads, bufs, steps, strict=True):
-        rule = functools.partial(_sgd_chunk, lr=lr, momentum=momentum, dampening=dampening,
-                                 weight_decay=weight_decay, nesterov=nesterov,
-                                 first=float(step) == 1)
-        _chunked.for_each_chunk(p, g, (b,), rule, block_size=block_size, maximize=maximize,
-                                bf16_stochastic_rounding=bf16_stochastic_rounding)
-
-
-def adagrad8bit_update(params, grads, sum_codes, sum_absmax, steps, *, lr, lr_decay,
-                       weight_decay, eps, maximize, block_size, bf16_stochastic_rounding=False):
-    sums = _chunked.quantized_states(sum_codes, sum_absmax, params, signed=False,
-                                     block_size=block_size, name="sum")
-    kw = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
-              block_size=block_size, bf16_stochastic_rounding=bf16_stochastic_rounding)
-    if _native.serves(params):
-        _native.adagrad(params, grads, sums, steps, **kw)
-        return
-    for p, g, s, step in zip(params, grads, sums, steps, strict=True):
-        rule = functools.partial(_adagrad_chunk, clr=lr / (1 + (float(step) - 1) * lr_decay),
-                                 weight_decay=weight_decay, eps=eps)
-        _chunked.for_each_chunk(p, g, (s,), rule, block_size=block_size, maximize=maximize,
-                                bf16_stochastic_rounding=bf16_stochastic_rounding)
 
 
 def sgd(id, momentum=0.9, **kw):
