@@ -254,6 +254,8 @@ def requantize_issue_17(rule, fp32):
     non-finite fresh state gets 0.0 in all its states; (b) on the unsigned map a positive value
     whose nearest code is that of zero (index 0) is stored as code 1."""
     on = [name for name, _ in rule.slots if is_on(rule, name)]
+    if not on:  # a rule without state (SGD without momentum)
+        return quantize_states(rule, fp32)
     bad = torch.zeros_like(fp32[on[0]], dtype=torch.bool)
     for name in on:
         bad |= ~fp32[name].isfinite()

@@ -222,11 +222,17 @@ def test_a_bad_gradient_element_harms_only_its_own_parameter(row, backend):
         assert torch.equal(a.isfinite(), b.isfinite()), (t, nonfinite(a), nonfinite(b))
     # The rest of the bad block keeps training at torch's pace: every step moves every element
     # of it, by as much on average as torch's step (a frozen Lion block moves by its decay only).
+    # A finite state that torch keeps (SGD's momentum after the 1e30 gradient) stays the
+    # block's absmax in 8 bits, and the others' momenta round to 0 until it decays: they still
+    # move every step, by their gradient's share of torch's step, so only a sign rule (Lion) or a
+    # block whose bad states all restart is held to torch's pace.
+    at_pace = row.ref is LionReference or bool(restarted(row)[list(BAD)].all())
     for t in range(1, len(ours)):
         assert bool((ours[t][GOOD0] != ours[t - 1][GOOD0]).all()), t
         pace = (ours[t] - ours[t - 1])[GOOD0].abs().mean() / (
             (exact[t] - exact[t - 1])[GOOD0].abs().mean())
-        assert pace > 1 - TRAJECTORY_RTOL, (t, pace.item())
+        if at_pace:
+            assert pace > 1 - TRAJECTORY_RTOL, (t, pace.item())
     # Outside the bad block, the trajectory is as close to torch's as test_accuracy requires.
     assert ours[-1][256:].isfinite().all()
     rest = relative_deviation([ours[-1][256:]], [exact[-1][256:]], [ours[0][256:]])
@@ -249,6 +255,8 @@ def test_bad_elements_restart_their_states_from_zero(row, backend):
     """The codebook has no NaN code: an element whose fresh state is non-finite (in fp32, as
     torch.optim's state shows) gets 0.0 in all its 8-bit states, and every block absmax stays
     finite (a NaN absmax would wipe the state of the whole block)."""
+    if not row.states:
+        pytest.skip(f"{row.id} keeps no state")
     _, state = first_step_states(row.ours, device_of(backend))
     restart = restarted(row)
     for name, _ in row.states:
