@@ -235,11 +235,6 @@ def _const_bytes(values):
     return ir.Constant(_vector(_I8, len(values)), [ir.Constant(_I8, v & 0xFF) for v in values])
 
 
-def _const_words(value, n=16):
-    """A ``<n x i32>`` constant with every element ``value``."""
-    return ir.Constant(_vector(_I32, n), [ir.Constant(_I32, value)] * n)
-
-
 def _lut128(builder, index, tables):
     """``tables[index & 127]`` for 64 byte indices: two 64-byte vectors, one vpermi2b."""
     v64 = _vector(_I8, 64)
