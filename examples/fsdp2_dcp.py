@@ -77,6 +77,7 @@ def main() -> None:
     saved = full_state(model, opt)  # gathered on rank 0
     if rank == 0:
         print(f"trained 20 steps on {world_size} ranks (loss {loss:.4f}), saved {checkpoint}")
+    dist.barrier()  # no rank tears down the group while a peer still talks to it
     dist.destroy_process_group()
     if rank != 0:
         return

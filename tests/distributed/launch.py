@@ -29,6 +29,8 @@ def _entry(rank: int, fn, world_size: int, store: str, args: tuple) -> None:
     join_group(store, rank, world_size)
     try:
         fn(rank, world_size, *args)
+        if dist.is_initialized():  # fn may have left its group (workers.scenario does)
+            dist.barrier()  # no rank tears down gloo while a peer still talks to it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

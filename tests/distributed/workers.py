@@ -153,6 +153,7 @@ def scenario(rank: int, world_size: int, out: str, steps: int) -> None:
 
     def regroup(phase: str, size: int) -> bool:
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
         if rank >= size:
             return False
