@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import eightbit.optim
 import pytest
 import torch
 import torch.distributed as dist
 from eightbit.optim import AdamW8bit
 from torch.nn.parallel import DistributedDataParallel
 
+from ..integrations.readme import run_recipe
 from ..optim.test_accuracy import TRAJECTORY_RTOL, relative_deviation
 from .launch import launch
 
@@ -35,11 +37,16 @@ def make_model(seed: int) -> torch.nn.Module:
                                torch.nn.Linear(100, 67), torch.nn.GELU(), torch.nn.Linear(67, 8))
 
 
-def loss_on_batch(model: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank ``rank``'s batch of step ``step``: each rank sees its own data."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     x = torch.randn(16, 32, generator=g)
-    return torch.nn.functional.mse_loss(model(x), x[:, :8].sin() + x[:, 8:16] * x[:, 16:24])
+    return x, x[:, :8].sin() + x[:, 8:16] * x[:, 16:24]
+
+
+def loss_on_batch(model: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
+    x, y = batch(step, rank)
+    return torch.nn.functional.mse_loss(model(x), y)
 
 
 def train(model, opt, rank: int, first: int, last: int) -> None:
@@ -91,6 +98,19 @@ def ranks(rank: int, world_size: int, out: str) -> None:
     else:
         options = {k: v for k, v in OPTIONS.items() if k in ("lr", "weight_decay")}
         torch.save(single_process(torch.optim.AdamW, **options), out / "single_torch.pt")
+    dist.barrier()
+    readme(rank, out)
+
+
+def readme(rank: int, out: Path) -> None:
+    """The README's DDP block, given the names it leaves to the user."""
+    model = make_model(seed=0)
+    names = run_recipe("ddp", dict(
+        model=model, loader=[batch(step, rank) for step in range(3)],
+        loss_fn=torch.nn.functional.mse_loss, path=out / "readme.pt", torch=torch, dist=dist,
+        DistributedDataParallel=DistributedDataParallel, eightbit=eightbit))
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "optim": names["opt"].state_dict()}, out / f"readme{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +150,15 @@ def test_the_trajectory_stays_close_to_torch_adamw(run):
     start = [p.detach() for p in make_model(seed=0).parameters()]
     deviation = relative_deviation(run("rank0")["params"], run("single_torch"), start)
     assert deviation < TRAJECTORY_RTOL
+
+
+def test_the_readme_recipe_trains_and_loads_on_every_rank(run):
+    saved, zero, one = run("readme"), run("readme0"), run("readme1")
+    start = [p.detach() for p in make_model(seed=0).parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(zero["params"], start, strict=True))
+    assert_equal(zero["params"], one["params"])
+    for loaded in (zero["optim"]["state"], one["optim"]["state"]):
+        assert loaded[2]["exp_avg_codes"].dtype == torch.uint8  # 6700 elements: 8-bit
+        for index, state in saved["optim"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(loaded[index][key], value), (index, key)

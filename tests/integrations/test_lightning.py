@@ -7,6 +7,8 @@ import pytest
 import torch
 from eightbit.optim import AdamW8bit
 
+from .readme import run_recipe
+
 pl = pytest.importorskip("pytorch_lightning")
 pytestmark = [  # Lightning's, not ours: one data loader process is on purpose; torch deprecations
     pytest.mark.filterwarnings("ignore:The '\\w+' does not have many workers"),
@@ -16,7 +18,9 @@ pytestmark = [  # Lightning's, not ours: one data loader process is on purpose; 
 EPOCHS, RESUME_AFTER = 4, 2  # epochs of 4 batches
 
 
-class Regressor(pl.LightningModule):
+class Regression(pl.LightningModule):
+    """The model and its loss; the optimizers come from subclasses."""
+
     def __init__(self, seed: int) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -31,6 +35,8 @@ class Regressor(pl.LightningModule):
         x, y = batch
         return torch.nn.functional.mse_loss(self(x), y)
 
+
+class Regressor(Regression):
     def configure_optimizers(self):
         # 100 x 16 and 67 x 100 weights in 8 bits (6700 is not a multiple of the block)
         return AdamW8bit(self.parameters(), lr=1e-2, block_size=64, min_8bit_size=1024)
@@ -72,3 +78,13 @@ def test_lightning_trains_and_resumes_bit_for_bit(tmp_path):
     whole = dict(model.named_parameters())
     for name, p in resumed.named_parameters():
         assert torch.equal(p, whole[name]), name
+
+
+def test_the_readme_recipe_trains():
+    class Readme(Regression, run_recipe("lightning", {})["Model"]):
+        """This file's model with the README's configure_optimizers."""
+
+    model = Readme(seed=0)
+    before = mean_loss(model)
+    assert isinstance(fit(model, EPOCHS).optimizers[0], AdamW8bit)
+    assert mean_loss(model) < before

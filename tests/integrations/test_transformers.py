@@ -10,6 +10,8 @@ import pytest
 import torch
 from eightbit.optim import AdamW8bit
 
+from .readme import run_recipe
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
@@ -18,6 +20,7 @@ STEPS, SAVE_AT = 8, 3  # the checkpoint falls inside the first epoch (4 batches 
 # Trainer's own learning_rate and weight_decay; the recipes' lr differs from it on purpose.
 ARGS = dict(learning_rate=5e-5, weight_decay=0.1)
 OPTIONS = dict(lr=1e-2, betas=(0.9, 0.95), block_size=128, min_8bit_size=1024)
+OWN_DECAY = 0.5  # a weight_decay in the kwargs, which Trainer's groups override
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,18 +57,22 @@ def tiny_gpt2(seed: int):
     return transformers.GPT2LMHeadModel(config)
 
 
+def training_args(out, **options):
+    return transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, logging_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=True, seed=0, **ARGS, **options)
+
+
 def make_trainer(recipe: str, out, seed: int = 0):
     model = tiny_gpt2(seed)
-    args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=8, max_steps=STEPS, save_strategy="steps",
-        save_steps=SAVE_AT, logging_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=True, seed=0, **ARGS)
+    args = training_args(out, save_strategy="steps", save_steps=SAVE_AT)
     if recipe == "optimizers":  # the user builds the optimizer; Trainer adds its scheduler
-        opt = AdamW8bit(model.parameters(), weight_decay=0.01, **OPTIONS)
+        opt = AdamW8bit(model.parameters(), weight_decay=OWN_DECAY, **OPTIONS)
         return transformers.Trainer(model=model, args=args, train_dataset=Sequences(),
                                     optimizers=(opt, None))
     return transformers.Trainer(model=model, args=args, train_dataset=Sequences(),
-                                optimizer_cls_and_kwargs=(AdamW8bit, OPTIONS))
+                                optimizer_cls_and_kwargs=(AdamW8bit,
+                                                          OPTIONS | {"weight_decay": OWN_DECAY}))
 
 
 def mean_loss(model) -> float:
@@ -84,6 +91,8 @@ def test_trainer_trains_and_resumes_bit_for_bit(recipe, tmp_path):
     before = mean_loss(trainer.model)
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, AdamW8bit)  # accelerate wraps it
+    # Trainer's schedule scales the optimizer's lr, never TrainingArguments' learning_rate
+    assert set(trainer.lr_scheduler.base_lrs) == {OPTIONS["lr"]}
     assert trainer.optimizer.state[trainer.model.transformer.wte.weight][
         "exp_avg_codes"].dtype == torch.uint8
     assert mean_loss(trainer.model) < before
@@ -123,3 +132,14 @@ def test_trainer_builds_the_optimizer_with_its_groups_and_the_given_options(tmp_
             assert state["exp_avg_absmax"].numel() == math.ceil(p.numel() / OPTIONS["block_size"])
         else:
             assert state["exp_avg"].dtype == torch.float32
+
+
+def test_the_readme_recipes_train(tmp_path):
+    names = {"args": training_args(tmp_path, save_strategy="no"), "train_dataset": Sequences()}
+    for recipe in ("hf-optimizer-cls", "hf-optimizers"):  # the second uses the first's imports
+        names["model"] = tiny_gpt2(seed=0)
+        trainer = run_recipe(recipe, names)["trainer"]
+        before = mean_loss(trainer.model)
+        trainer.train()
+        assert isinstance(trainer.optimizer.optimizer, AdamW8bit)
+        assert mean_loss(trainer.model) < before, recipe
