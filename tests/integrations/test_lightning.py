@@ -57,19 +57,20 @@ def fit(model, epochs: int, ckpt_path=None):
     return trainer
 
 
-def mean_loss(model) -> float:
+def summed_loss(model) -> float:
+    """The loss summed over the batches of an epoch."""
     with torch.no_grad():
         return sum(model.training_step(batch, i).item() for i, batch in enumerate(data()))
 
 
 def test_lightning_trains_and_resumes_bit_for_bit(tmp_path):
     model = Regressor(seed=0)
-    before = mean_loss(model)
+    before = summed_loss(model)
     trainer = fit(model, EPOCHS)
     opt = trainer.optimizers[0]
     assert isinstance(opt, AdamW8bit)
     assert opt.state[model.net[2].weight]["exp_avg_codes"].dtype == torch.uint8
-    assert mean_loss(model) < before
+    assert summed_loss(model) < before
 
     interrupted = fit(Regressor(seed=0), RESUME_AFTER)
     interrupted.save_checkpoint(tmp_path / "interrupted.ckpt")
@@ -85,6 +86,6 @@ def test_the_readme_recipe_trains():
         """This file's model with the README's configure_optimizers."""
 
     model = Readme(seed=0)
-    before = mean_loss(model)
+    before = summed_loss(model)
     assert isinstance(fit(model, EPOCHS).optimizers[0], AdamW8bit)
-    assert mean_loss(model) < before
+    assert summed_loss(model) < before
