@@ -161,10 +161,7 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
         count = quant_native.parts(blocks, int(args[0][:, kernels.NUMEL].sum()))
         common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books,
                   block_size)
-        if count == 1:
-            kernels.update_part(0, 1, *common)
-        else:
-            kernels.update(count, *common)
+        quant_native.run_parts(kernels.update_part, count, *common)
         _finish(batch)
 
 

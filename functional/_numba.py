@@ -5,7 +5,7 @@ block (the parameters' blocks are one sequence, :func:`locate`), dequantize the 
 fp32 scratch, call the optimizer's rule per element, store the parameter, apply issue 17's
 rule (a) (an element whose fresh states are not all finite gets 0.0 in every state), keep each
 state's absmax, and requantize each state (rule (b) for states on the unsigned map: see
-``quant._numba.encode_block``). :func:`update` runs its parts on numba's threads.
+``quant._numba.encode_block``). ``quant._native.run_parts`` runs its parts on threads.
 
 A rule is a plain function ``rule(h, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
 scalars holding the whole update of one element, as the CUDA ``*Rule::update`` does
@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, types, uint32, uint64
+from numba import njit, types, uint32, uint64
 from numba.extending import overload
 
 from ..quant._intrinsics import abs_bits, f32_bits, fma, umax
@@ -245,8 +245,7 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
     State k's codebook is ``codebooks[k]``, its nearest-code table ``tables[k]``, its VBMI
     tables ``planes[k]`` and ``searches[k]`` (empty rows: the portable path), its code of zero
     ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)).
-    ``scratch[part]``: three fp32 blocks. (Arrays, not a tuple: prange cannot pass a tuple of
-    arrays to its threads.)
+    ``scratch[part]``: three fp32 blocks.
     """
     s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
     # addresses taken once per part (see quant._numba.encode_block)
@@ -290,11 +289,3 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
                              searches_at + searches.shape[1] * k if searches_at != 0 else 0,
                              zero_codes[k], nonnegative[k])
 
-
-@njit(cache=True, parallel=True)
-def update(parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like,
-           g_fmt, codebooks, tables, planes, searches, zero_codes, nonnegative, block_size):
-    for part in prange(parts):
-        update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like,
-                    p_fmt, g_like, g_fmt, codebooks, tables, planes, searches, zero_codes,
-                    nonnegative, block_size)

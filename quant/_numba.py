@@ -3,9 +3,8 @@ optimizer driver of ``eightbit.functional._numba`` shares.
 
 Imported by :mod:`eightbit.quant._native` on the first CPU call, never by ``import eightbit``.
 Shape of every kernel: a serial ``@njit(cache=True, nogil=True)`` function does part ``part`` of
-``parts`` of the blocks (:func:`part_blocks`), and a two-line ``@njit(parallel=True)`` driver
-runs the parts with ``prange`` (a small parallel function compiles fast; the work is in the
-serial part). No fast-math: division, sqrt and rounding are IEEE fp32, as in the torch path,
+``parts`` of the blocks (:func:`part_blocks`); ``_native.run_parts`` runs the parts on Python
+threads (the kernels release the GIL). No fast-math: division, sqrt and rounding are IEEE fp32, as in the torch path,
 the oracle these kernels are tested against.
 
 Two search paths find nearest codes: the portable one below (:func:`nearest_code`), and, where
@@ -22,7 +21,7 @@ from ._native import set_cache_dir
 set_cache_dir()  # before numba is first imported (EIGHTBIT_CACHE_DIR)
 
 import numpy as np  # noqa: E402
-from numba import carray, int32, njit, prange, types, uint32, uint64  # noqa: E402
+from numba import carray, int32, njit, types, uint32, uint64  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
 from ._intrinsics import (  # noqa: E402
@@ -246,12 +245,6 @@ def quantize_part(part, parts, x, fmt, codes, absmax, table, search, zero_code, 
                      zero_code, False)
 
 
-@njit(cache=True, parallel=True)
-def quantize(parts, x, fmt, codes, absmax, table, search, zero_code, block_size, scratch):
-    for part in prange(parts):
-        quantize_part(part, parts, x, fmt, codes, absmax, table, search, zero_code, block_size,
-                      scratch)
-
 
 @njit(cache=True, nogil=True)
 def scan_code(y, thresholds):
@@ -292,9 +285,3 @@ def dequantize_part(part, parts, codes, absmax, codebook, planes, out, fmt, bloc
         for i in range(start, end):
             store(out, i, values[i - start], fmt)
 
-
-@njit(cache=True, parallel=True)
-def dequantize(parts, codes, absmax, codebook, planes, out, fmt, block_size, scratch):
-    for part in prange(parts):
-        dequantize_part(part, parts, codes, absmax, codebook, planes, out, fmt, block_size,
-                        scratch)
