@@ -39,6 +39,7 @@ from ..quant._numba import (
     load,
     part_blocks,
     part_kernel,
+    prefetch_next,
     store,
     view,
 )
@@ -261,8 +262,11 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
         e0, e1, seed, lb = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
+        prefetch_next(tensors[t, P], p.itemsize, start, end)
+        prefetch_next(tensors[t, G], g.itemsize, start, end)
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
+                prefetch_next(tensors[t, STATES + 2 * k], 1, start, end)
                 absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
                 decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
                              planes_at + planes.shape[1] * k if planes_at != 0 else 0,

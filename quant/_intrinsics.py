@@ -207,3 +207,23 @@ def decode16(typingctx, codes, codebook, scale, out):
         return context.get_dummy_value()
 
     return types.void(codes, codebook, scale, out), codegen
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """Hint the CPU to fetch the cache line at integer ``address`` for reading (llvm.prefetch;
+    a no-op where the target has no prefetch instruction, never a fault)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn_type = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, fn_type, "llvm.prefetch.p0")
+        ptr = builder.inttoptr(args[0], i8p)
+        # read, high temporal locality (keep in all cache levels), data cache
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(address), codegen

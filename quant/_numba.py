@@ -32,6 +32,7 @@ from ._intrinsics import (  # noqa: E402
     f32_bits,
     nearest_codes16,
     pointer,
+    prefetch,
     umax,
 )
 from ._vbmi import decode64, encode64  # noqa: E402
@@ -129,6 +130,15 @@ def block_range(b, block_size, n):
     start = uint64(b) * uint64(block_size)
     end = start + uint64(block_size)
     return start, end if end < uint64(n) else uint64(n)
+
+
+@inline
+def prefetch_next(at, itemsize, start, end):
+    """Prefetch the block after ``[start, end)`` of the array at ``at`` (``itemsize``-byte
+    elements): the hardware prefetcher alone left quantize a quarter slower on large tensors."""
+    ahead = at + np.int64(itemsize) * np.int64(end)
+    for line in range(0, np.int64(itemsize) * np.int64(end - start), 64):
+        prefetch(ahead + line)
 
 
 @inline
@@ -233,6 +243,7 @@ def quantize_part(part, parts, x, fmt, codes, absmax, table, search, zero_code, 
     table_at, search_at, x_at = address(table), address(search), address(x)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
+        prefetch_next(x_at, x.itemsize, start, end)
         mag = uint32(0)
         for i in range(start, end):
             mag = umax(mag, abs_bits(load(x, i, fmt)))
@@ -279,8 +290,14 @@ def dequantize_part(part, parts, codes, absmax, codebook, planes, out, fmt, bloc
     values = scratch[part]
     values_at, codes_at = address(values), address(codes)
     codebook_at, planes_at = address(codebook), address(planes)
+    out_at = address(out)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
+        prefetch_next(codes_at, 1, start, end)
+        if out.itemsize == 4:  # fp32 output is decoded where it goes
+            decode_block(codes_at, start, end, codebook_at, planes_at, absmax[b],
+                         out_at + 4 * np.int64(start))
+            continue
         decode_block(codes_at, start, end, codebook_at, planes_at, absmax[b], values_at)
         for i in range(start, end):
             store(out, i, values[i - start], fmt)
