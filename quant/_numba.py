@@ -86,7 +86,7 @@ def load(x, i, fmt):
     """``x[i]`` as fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
 
 
-@overload(load, inline="always")
+@overload(load)
 def _load(x, i, fmt):
     if x.dtype == types.float32:
         return lambda x, i, fmt: x[i]
@@ -97,7 +97,7 @@ def store(x, i, value, fmt):
     """``x[i] = value`` from fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
 
 
-@overload(store, inline="always")
+@overload(store)
 def _store(x, i, value, fmt):
     if x.dtype == types.float32:
 
