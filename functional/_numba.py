@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, types, uint32, uint64
+from numba import types, uint32, uint64
 from numba.extending import overload
 
 from ..quant._intrinsics import abs_bits, f32_bits, fma, umax

@@ -4,8 +4,8 @@ optimizer driver of ``eightbit.functional._numba`` shares.
 Imported by :mod:`eightbit.quant._native` on the first CPU call, never by ``import eightbit``.
 Shape of every kernel: a serial ``@njit(cache=True, nogil=True)`` function does part ``part`` of
 ``parts`` of the blocks (:func:`part_blocks`); ``_native.run_parts`` runs the parts on Python
-threads (the kernels release the GIL). No fast-math: division, sqrt and rounding are IEEE fp32, as in the torch path,
-the oracle these kernels are tested against.
+threads (the kernels release the GIL). No fast-math: division, sqrt and rounding are IEEE fp32,
+as in the torch path, the oracle these kernels are tested against.
 
 Two search paths find nearest codes: the portable one below (:func:`nearest_code`), and, where
 the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`; each kernel chooses with one
@@ -190,21 +190,19 @@ def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, s
             codes[i] = zero_code
         return
     base = values_at - 4 * np.int64(start)
+    floor = zero_code + np.uint8(1) if nonnegative else np.uint8(0)
     if search_at != 0:
         full = start + (end - start) // uint64(64) * uint64(64)
         for s in range(start, full, uint64(64)):
-            encode64(base + 4 * s, scale, search_at, codes_at + s)
+            encode64(base + 4 * s, scale, search_at, codes_at + s, floor)
     else:
         full = start + (end - start) // uint64(16) * uint64(16)
         for s in range(start, full, uint64(16)):
-            nearest_codes16(base + 4 * s, scale, table_at, codes_at + s)
+            nearest_codes16(base + 4 * s, scale, table_at, codes_at + s, floor)
     table = view(table_at, TABLE_SIZE, np.uint32)
     for i in range(full, end):
-        codes[i] = nearest_code(values[i - start] / scale, table)
-    if nonnegative:
-        for i in range(start, end):
-            c = codes[i]
-            codes[i] = c + np.uint8((c == zero_code) & (values[i - start] > 0))
+        code = nearest_code(values[i - start] / scale, table)
+        codes[i] = max(code, floor) if values[i - start] > 0 else code
 
 
 @block_helper
