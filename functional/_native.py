@@ -161,10 +161,7 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
         count = quant_native.parts(blocks, int(args[0][:, kernels.NUMEL].sum()))
         common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books,
                   block_size)
-        if count == 1:
-            kernels.update_part(0, 1, *common)
-        else:
-            kernels.update(count, *common)
+        quant_native.run_parts(kernels.update_part, count, *common)
         _finish(batch)
 
 
@@ -192,10 +189,11 @@ def adam(
             corrections[step] = (_f32(1) / _f32((1 - beta2**step) ** 0.5),
                                  _f32(-lr / (1 - beta1**step)))
     extras = [corrections[_chunked.scalar(s)] for s in steps]
-    h = _kernels().AdamHyper(
+    k = _kernels()
+    h = k.variant(k.AdamHyper, amsgrad=bool(amsgrad))(
         _f32(1 - lr * weight_decay if decoupled else 1.0),
         _f32(weight_decay if not decoupled else 0.0), _f32(1 - beta1), _f32(beta2),
-        _f32(1 - beta2), _f32(eps), amsgrad)
+        _f32(1 - beta2), _f32(eps))
     _run(h, params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None),
          extras, maximize=maximize, block_size=block_size,
          bf16_stochastic_rounding=bf16_stochastic_rounding)
@@ -208,9 +206,10 @@ def rmsprop(
     """Fused 8-bit RMSprop on CPU parameters (the torch path's ``_rmsprop_torch`` contract)."""
     use_momentum = any(b is not None for b in momentum_buffers)
     centered = any(a is not None for a in grad_avgs)
-    h = _kernels().RMSpropHyper(
+    k = _kernels()
+    h = k.variant(k.RMSpropHyper, use_momentum=use_momentum, centered=centered)(
         _f32(weight_decay), _f32(alpha), _f32(1 - alpha), _f32(eps), _f32(momentum),
-        _f32(-_chunked.scalar(lr)), use_momentum, centered)
+        _f32(-_chunked.scalar(lr)))
     _run(h, params, grads, (square_avgs, momentum_buffers if use_momentum else None,
                             grad_avgs if centered else None),
          [(0.0, 0.0)] * len(params), maximize=maximize, block_size=block_size,
@@ -235,8 +234,9 @@ def sgd(
 ) -> None:
     """Fused 8-bit SGD on CPU parameters (the torch path's ``_sgd_torch`` contract)."""
     use_momentum = momentum != 0 and any(b is not None for b in momentum_buffers)
-    h = _kernels().SGDHyper(_f32(weight_decay), _f32(momentum), _f32(1 - dampening),
-                            _f32(-_chunked.scalar(lr)), use_momentum, nesterov)
+    k = _kernels()
+    h = k.variant(k.SGDHyper, use_momentum=use_momentum, nesterov=bool(nesterov and use_momentum))(
+        _f32(weight_decay), _f32(momentum), _f32(1 - dampening), _f32(-_chunked.scalar(lr)))
     extras = [(1.0 if _chunked.scalar(s) == 1 else 0.0, 0.0) for s in steps]
     _run(h, params, grads, (momentum_buffers if use_momentum else None,), extras,
          maximize=maximize, block_size=block_size,

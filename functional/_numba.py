@@ -5,7 +5,7 @@ block (the parameters' blocks are one sequence, :func:`locate`), dequantize the 
 fp32 scratch, call the optimizer's rule per element, store the parameter, apply issue 17's
 rule (a) (an element whose fresh states are not all finite gets 0.0 in every state), keep each
 state's absmax, and requantize each state (rule (b) for states on the unsigned map: see
-``quant._numba.encode_block``). :func:`update` runs its parts on numba's threads.
+``quant._numba.encode_block``). ``quant._native.run_parts`` runs its parts on threads.
 
 A rule is a plain function ``rule(h, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
 scalars holding the whole update of one element, as the CUDA ``*Rule::update`` does
@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, types, uint32, uint64
+from numba import types, uint32, uint64
 from numba.extending import overload
 
 from ..quant._intrinsics import abs_bits, f32_bits, fma, umax
@@ -39,11 +39,17 @@ from ..quant._numba import (
     load,
     part_blocks,
     part_kernel,
+    prefetch_next,
     store,
     view,
 )
 
 F32 = np.float32
+
+
+# A rule's variants (AMSGrad, momentum, centered, Nesterov) are flags on its record's class,
+# not fields: the class is part of the kernel's type, so each variant compiles its own loop
+# with the flags as constants (:func:`rule`), and :func:`variant` picks the class.
 
 
 class AdamHyper(NamedTuple):
@@ -53,7 +59,12 @@ class AdamHyper(NamedTuple):
     beta2: F32
     one_minus_beta2: F32
     eps: F32
-    amsgrad: bool
+    amsgrad = False
+
+
+class AMSGradHyper(AdamHyper):
+    __slots__ = ()
+    amsgrad = True
 
 
 class RMSpropHyper(NamedTuple):
@@ -63,8 +74,23 @@ class RMSpropHyper(NamedTuple):
     eps: F32
     momentum: F32
     neg_lr: F32
-    use_momentum: bool
-    centered: bool
+    use_momentum = False
+    centered = False
+
+
+class MomentumRMSpropHyper(RMSpropHyper):
+    __slots__ = ()
+    use_momentum = True
+
+
+class CenteredRMSpropHyper(RMSpropHyper):
+    __slots__ = ()
+    centered = True
+
+
+class CenteredMomentumRMSpropHyper(RMSpropHyper):
+    __slots__ = ()
+    use_momentum = centered = True
 
 
 class LionHyper(NamedTuple):
@@ -81,13 +107,34 @@ class SGDHyper(NamedTuple):
     momentum: F32
     one_minus_dampening: F32
     neg_lr: F32
-    use_momentum: bool
-    nesterov: bool
+    use_momentum = False
+    nesterov = False
+
+
+class MomentumSGDHyper(SGDHyper):
+    __slots__ = ()
+    use_momentum = True
+
+
+class NesterovSGDHyper(SGDHyper):
+    __slots__ = ()
+    use_momentum = nesterov = True
 
 
 class AdagradHyper(NamedTuple):
     l2: F32
     eps: F32
+
+
+def variant(record: type, **flags: bool) -> type:
+    """The class of ``record``'s family (itself or a subclass) whose flags equal ``flags``.
+
+    Example: ``variant(AdamHyper, amsgrad=True)`` is :class:`AMSGradHyper`.
+    """
+    for cls in (record, *record.__subclasses__()):
+        if all(getattr(cls, name) == value for name, value in flags.items()):
+            return cls
+    raise ValueError(f"no {record.__name__} variant with {flags}")
 
 
 ZERO = F32(0.0)
@@ -108,32 +155,34 @@ def maximum(a, b):
 
 
 @inline
-def adam_rule(h, p, g, m, v, v_max, inv_bc2_sqrt, neg_step_size):
+def adam_rule(h, f, p, g, m, v, v_max, inv_bc2_sqrt, neg_step_size):
     """Adam/AdamW (states m, v, max of v); ``inv_bc2_sqrt`` = 1 / sqrt(1 - beta2^t) rounded
-    once, ``neg_step_size`` = -lr / (1 - beta1^t)."""
+    once, ``neg_step_size`` = -lr / (1 - beta1^t); ``f``: (amsgrad,)."""
+    amsgrad = f[0]
     p = p * h.decay
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     m = lerp(m, g, h.beta1_weight)
     v = fma(h.one_minus_beta2 * g, g, v * h.beta2)
-    v_max = maximum(v_max, v) if h.amsgrad else ZERO
-    v_hat = v_max if h.amsgrad else v
+    v_max = maximum(v_max, v) if amsgrad else ZERO
+    v_hat = v_max if amsgrad else v
     p = p + (neg_step_size * m) / fma(np.sqrt(v_hat), inv_bc2_sqrt, h.eps)
     return p, m, v, v_max
 
 
 @inline
-def rmsprop_rule(h, p, g, square_avg, buf, grad_avg, _e0, _e1):
-    """RMSprop (states square_avg, momentum_buffer, grad_avg)."""
+def rmsprop_rule(h, f, p, g, square_avg, buf, grad_avg, _e0, _e1):
+    """RMSprop (states square_avg, momentum_buffer, grad_avg); ``f``: (use_momentum, centered)."""
+    use_momentum, centered = f
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     square_avg = fma(h.one_minus_alpha * g, g, square_avg * h.alpha)
-    if h.centered:
+    if centered:
         grad_avg = lerp(grad_avg, g, h.one_minus_alpha)
         var = fma(-grad_avg, grad_avg, square_avg)
         avg = np.sqrt(ZERO if var < 0 else var) + h.eps
     else:
         grad_avg = ZERO
         avg = np.sqrt(square_avg) + h.eps
-    if h.use_momentum:
+    if use_momentum:
         buf = buf * h.momentum + g / avg
         p = fma(h.neg_lr, buf, p)
     else:
@@ -143,7 +192,7 @@ def rmsprop_rule(h, p, g, square_avg, buf, grad_avg, _e0, _e1):
 
 
 @inline
-def lion_rule(h, p, g, m, _s1, _s2, _e0, _e1):
+def lion_rule(h, _f, p, g, m, _s1, _s2, _e0, _e1):
     """Lion (arXiv:2302.06675, Algorithm 2; state m)."""
     c = fma(h.one_minus_beta1, g, m * h.beta1)
     sign = F32(ZERO < c) - F32(c < ZERO)
@@ -153,20 +202,22 @@ def lion_rule(h, p, g, m, _s1, _s2, _e0, _e1):
 
 
 @inline
-def sgd_rule(h, p, g, buf, _s1, _s2, first_step, _e1):
+def sgd_rule(h, f, p, g, buf, _s1, _s2, first_step, _e1):
     """SGD with momentum, dampening, Nesterov (state momentum_buffer); ``first_step`` is 1.0 on
-    a buffer's first step (torch sets it to the gradient), else 0.0."""
+    a buffer's first step (torch sets it to the gradient), else 0.0; ``f``: (use_momentum,
+    nesterov)."""
+    use_momentum, nesterov = f
     g = fma(h.l2, p, g) if h.l2 != 0 else g
-    if h.use_momentum:
+    if use_momentum:
         buf = g if first_step != 0 else fma(h.one_minus_dampening, g, buf * h.momentum)
-        g = fma(h.momentum, buf, g) if h.nesterov else buf
+        g = fma(h.momentum, buf, g) if nesterov else buf
     else:
         buf = ZERO
     return fma(h.neg_lr, g, p), buf, ZERO, ZERO
 
 
 @inline
-def adagrad_rule(h, p, g, state_sum, _s1, _s2, neg_clr, _e1):
+def adagrad_rule(h, _f, p, g, state_sum, _s1, _s2, neg_clr, _e1):
     """Adagrad (state sum); ``neg_clr`` = -lr / (1 + (t - 1) lr_decay)."""
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     state_sum = fma(g, g, state_sum)
@@ -174,19 +225,26 @@ def adagrad_rule(h, p, g, state_sum, _s1, _s2, neg_clr, _e1):
     return p, state_sum, ZERO, ZERO
 
 
-RULES = {AdamHyper: adam_rule, RMSpropHyper: rmsprop_rule, LionHyper: lion_rule,
-         SGDHyper: sgd_rule, AdagradHyper: adagrad_rule}
+# each family's rule and the names of its flags
+RULES = {AdamHyper: (adam_rule, ("amsgrad",)),
+         RMSpropHyper: (rmsprop_rule, ("use_momentum", "centered")),
+         LionHyper: (lion_rule, ()), SGDHyper: (sgd_rule, ("use_momentum", "nesterov")),
+         AdagradHyper: (adagrad_rule, ())}
 
 
 def rule(h, p, g, s0, s1, s2, e0, e1):
-    """The rule of ``h``'s optimizer (chosen by the type of ``h`` when a kernel compiles)."""
+    """The rule of ``h``'s optimizer and variant (chosen by the class of ``h`` when a kernel
+    compiles; the variant's flags are constants in the compiled loop)."""
 
 
 @overload(rule, inline="always")
 def _rule(h, p, g, s0, s1, s2, e0, e1):
-    update = RULES.get(getattr(h, "instance_class", None))
-    if update is not None:
-        return lambda h, p, g, s0, s1, s2, e0, e1: update(h, p, g, s0, s1, s2, e0, e1)
+    cls = getattr(h, "instance_class", None)
+    for family, (update, names) in RULES.items():
+        if isinstance(cls, type) and issubclass(cls, family):
+            f = tuple(getattr(cls, name) for name in names)
+            return lambda h, p, g, s0, s1, s2, e0, e1: update(h, f, p, g, s0, s1, s2, e0, e1)
+    return None
 
 
 def store_param(p, i, value, fmt, seed):
@@ -245,8 +303,7 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
     State k's codebook is ``codebooks[k]``, its nearest-code table ``tables[k]``, its VBMI
     tables ``planes[k]`` and ``searches[k]`` (empty rows: the portable path), its code of zero
     ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)).
-    ``scratch[part]``: three fp32 blocks. (Arrays, not a tuple: prange cannot pass a tuple of
-    arrays to its threads.)
+    ``scratch[part]``: three fp32 blocks.
     """
     s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
     # addresses taken once per part (see quant._numba.encode_block)
@@ -262,8 +319,11 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
         e0, e1, seed, lb = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
+        prefetch_next(tensors[t, P], p.itemsize, start, end)
+        prefetch_next(tensors[t, G], g.itemsize, start, end)
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
+                prefetch_next(tensors[t, STATES + 2 * k], 1, start, end)
                 absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
                 decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
                              planes_at + planes.shape[1] * k if planes_at != 0 else 0,
@@ -290,11 +350,3 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
                              searches_at + searches.shape[1] * k if searches_at != 0 else 0,
                              zero_codes[k], nonnegative[k])
 
-
-@njit(cache=True, parallel=True)
-def update(parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like, p_fmt, g_like,
-           g_fmt, codebooks, tables, planes, searches, zero_codes, nonnegative, block_size):
-    for part in prange(parts):
-        update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like,
-                    p_fmt, g_like, g_fmt, codebooks, tables, planes, searches, zero_codes,
-                    nonnegative, block_size)

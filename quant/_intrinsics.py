@@ -165,16 +165,39 @@ def _gather(builder, base, index, element):
                              ir.Constant(vec_t, ir.Undefined)])
 
 
+def raise_positive(builder, codes, words, floor):
+    """``codes`` (``<16k x i8>``) raised to at least ``floor`` (an integer) where the fp32 bit
+    patterns ``words`` (k ``<16 x i32>``, in code order) are above zero: issue 17's rule (b) for
+    states on the unsigned map (``floor`` = code of zero + 1; 0 leaves every code as it is)."""
+    positive = [builder.icmp_signed(">", w, _words(0)) for w in words]
+    while len(positive) > 1:  # concatenated in order, 16 lanes -> 32 -> 64
+        pairs = zip(positive[::2], positive[1::2], strict=True)
+        positive = [builder.shuffle_vector(a, b, ir.Constant(
+            ir.VectorType(_I32, 2 * a.type.count), [ir.Constant(_I32, i)
+                                                     for i in range(2 * a.type.count)]))
+            for a, b in pairs]
+    n = codes.type.count
+    floor8 = builder.trunc(floor, ir.IntType(8)) if floor.type.width > 8 else floor
+    undef = ir.Constant(ir.VectorType(ir.IntType(8), n), ir.Undefined)
+    splat = builder.shuffle_vector(
+        builder.insert_element(undef, floor8, ir.Constant(_I32, 0)), undef,
+        ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, 0)] * n))
+    raised = builder.select(builder.icmp_unsigned(">", codes, splat), codes, splat)
+    return builder.select(positive[0], raised, codes)
+
+
 @intrinsic
-def nearest_codes16(typingctx, values, scale, table, codes):
-    """``codes[k] = _numba.nearest_code(values[k] / scale, table)`` for ``k < 16``; ``values``
-    (fp32), ``table`` (uint32, ``_native.code_table``) and ``codes`` (uint8) are addresses."""
+def nearest_codes16(typingctx, values, scale, table, codes, floor):
+    """``codes[k] = _numba.nearest_code(values[k] / scale, table)`` for ``k < 16``, raised to
+    at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`); ``values`` (fp32),
+    ``table`` (uint32, ``_native.code_table``) and ``codes`` (uint8) are addresses."""
     if not (isinstance(values, types.Integer) and isinstance(table, types.Integer)
-            and isinstance(codes, types.Integer) and scale == types.float32):
+            and isinstance(codes, types.Integer) and scale == types.float32
+            and isinstance(floor, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        values_v, scale_v, table_v, codes_v = args
+        values_v, scale_v, table_v, codes_v, floor_v = args
         f32v = _vec(ir.FloatType())
         x = builder.load(builder.bitcast(_ptr(builder, values_v, ir.FloatType()),
                                          f32v.as_pointer()), align=4)
@@ -183,10 +206,11 @@ def nearest_codes16(typingctx, values, scale, table, codes):
         entry = _gather(builder, _ptr(builder, table_v, _I32), builder.lshr(u, _words(16)), _I32)
         code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)),
                              _vec(ir.IntType(8)))
+        code = raise_positive(builder, code, [u], floor_v)
         builder.store(code, _ptr(builder, codes_v, _vec(ir.IntType(8))), align=1)
         return context.get_dummy_value()
 
-    return types.void(values, scale, table, codes), codegen
+    return types.void(values, scale, table, codes, floor), codegen
 
 
 @intrinsic
@@ -207,3 +231,23 @@ def decode16(typingctx, codes, codebook, scale, out):
         return context.get_dummy_value()
 
     return types.void(codes, codebook, scale, out), codegen
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """Hint the CPU to fetch the cache line at integer ``address`` for reading (llvm.prefetch;
+    a no-op where the target has no prefetch instruction, never a fault)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn_type = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, fn_type, "llvm.prefetch.p0")
+        ptr = builder.inttoptr(args[0], i8p)
+        # read, high temporal locality (keep in all cache levels), data cache
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(address), codegen

@@ -9,11 +9,10 @@ imported before the first CPU call, so ``import eightbit`` stays fast.
 
 Both paths compute the same function: identical codes and absmax (see
 :mod:`eightbit.quant.blockwise`). Kernels run in parallel over blocks with
-``torch.get_num_threads()`` threads (at most numba's, and at most one per :data:`GRAIN`
-elements). Compiled kernels are cached on disk by numba (``cache=True``; :func:`cache_dir`):
-the first call of a kernel signature in a fresh cache compiles it (docs/cpu-kernels.md has the
-figures), later processes load it. A process forked after its parent used the kernels (a
-DataLoader worker, say) uses the torch path: numba's OpenMP threading layer is not fork-safe.
+``torch.get_num_threads()`` threads (at most one per :data:`GRAIN` elements; :func:`run_parts`).
+Compiled kernels are cached on disk by numba (``cache=True``; :func:`cache_dir`): the first
+call of a kernel signature in a fresh cache compiles it (docs/cpu-kernels.md has the figures),
+later processes load it.
 """
 
 from __future__ import annotations
@@ -75,16 +74,7 @@ def kernels():
             f"{ENV}=numba but numba's kernels cannot be imported ({reason}); "
             "install it with `pip install numba`, or unset the variable to use the torch path"
         )
-    if module is not None and _first_use_pid() != os.getpid():
-        # forked after the parent ran the kernels: numba's OpenMP layer is not fork-safe
-        return None
     return module
-
-
-@functools.lru_cache(maxsize=1)
-def _first_use_pid() -> int:
-    """The process that first used the kernels (a forked child inherits the cached value)."""
-    return os.getpid()
 
 
 def cache_dir() -> str:
@@ -117,8 +107,6 @@ def describe() -> str:
         if choice == "numba":
             return f"unavailable: {ENV}=numba but numba does not import ({reason})"
         return f"torch path (numba does not import: {reason})"
-    if kernels() is None:
-        return "torch path (a child forked after its parent used the kernels; not fork-safe)"
     import numba
 
     from . import _vbmi
@@ -132,15 +120,51 @@ def describe() -> str:
 
 
 def threads() -> int:
-    """Threads a call uses: torch's intra-op thread count, capped by numba's."""
-    import numba
-
-    return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
+    """Threads a call uses: torch's intra-op thread count (``torch.set_num_threads``)."""
+    return max(1, torch.get_num_threads())
 
 
 def parts(blocks: int, elements: int) -> int:
     """How many parts (threads) a call of ``blocks`` blocks and ``elements`` values uses."""
     return min(threads(), blocks, max(1, elements // GRAIN))
+
+
+def run_parts(kernel, count: int, *args) -> None:
+    """``kernel(part, count, *args)`` for every part, part 0 on this thread and the others on
+    a pool of Python threads (the kernels are ``nogil``, so they run in parallel).
+
+    Python threads rather than ``@njit(parallel=True)``: no parallel driver to compile on first
+    use, no numba threading layer (the kernels stay usable in a forked child), and the thread
+    count follows ``torch.set_num_threads``.
+    """
+    if count == 1:
+        kernel(0, 1, *args)
+        return
+    pool = _pool(count - 1)
+    others = [pool.submit(kernel, part, count, *args) for part in range(1, count)]
+    try:
+        kernel(0, count, *args)
+    finally:
+        for future in others:  # wait for all before the caller may free what they write
+            future.exception()
+    for future in others:
+        future.result()
+
+
+def _pool(workers: int):
+    """This process's worker threads (at least ``workers``); a forked child makes its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size, pool = _pools.get(os.getpid(), (0, None))
+    if size < workers:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="eightbit")
+        _pools[os.getpid()] = (workers, pool)
+    return pool
+
+
+_pools: dict = {}
 
 
 class CodeTable(NamedTuple):
@@ -247,10 +271,7 @@ def quantize(
     count = parts(blocks, n)
     args = (values, fmt, flat_codes, flat_absmax, t.table, vbmi_tables(t)[1], t.zero_code,
             block_size, scratch(count, block_size))
-    if count == 1:
-        k.quantize_part(0, 1, *args)
-    else:
-        k.quantize(count, *args)
+    run_parts(k.quantize_part, count, *args)
 
 
 def dequantize(
@@ -270,7 +291,4 @@ def dequantize(
     count = parts(blocks, n)
     args = (flat_codes, flat_absmax, t.codebook, vbmi_tables(t)[0], values, fmt, block_size,
             scratch(count, block_size))
-    if count == 1:
-        k.dequantize_part(0, 1, *args)
-    else:
-        k.dequantize(count, *args)
+    run_parts(k.dequantize_part, count, *args)

@@ -25,6 +25,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from ._intrinsics import raise_positive
+
 PATH_ENV = "EIGHTBIT_CPU_PATH"
 _PATHS = ("auto", "portable", "vbmi")
 _NEEDED = ("avx512f", "avx512bw", "avx512vbmi")
@@ -369,16 +371,18 @@ def decode64(typingctx, codes, planes, scale, out):
 
 
 @intrinsic
-def encode64(typingctx, values, scale, search, codes):
-    """``codes[k] = nearest code of values[k] / scale`` for ``k < 64``; ``values`` (fp32, with
-    ``|values| <= scale``), ``search`` (:func:`tables`) and ``codes`` (uint8) are addresses.
-    Only where :func:`compiled_with_vbmi`, as :func:`decode64`."""
-    if not (_is_address(values, search, codes) and scale == types.float32):
+def encode64(typingctx, values, scale, search, codes, floor):
+    """``codes[k] = nearest code of values[k] / scale`` for ``k < 64``, raised to at least
+    ``floor`` where ``values[k] > 0`` (:func:`~._intrinsics.raise_positive`); ``values`` (fp32,
+    with ``|values| <= scale``), ``search`` (:func:`tables`) and ``codes`` (uint8) are
+    addresses. Only where :func:`compiled_with_vbmi`, as :func:`decode64`."""
+    if not (_is_address(values, search, codes) and scale == types.float32
+            and isinstance(floor, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         if compiled_with_vbmi():
-            values_v, scale_v, search_v, codes_v = args
+            values_v, scale_v, search_v, codes_v, floor_v = args
             x_ptr = _address(builder, values_v, _F32)
             scale16 = _splat(builder, scale_v, 16)
             words = []
@@ -388,8 +392,9 @@ def encode64(typingctx, values, scale, search, codes):
                 y = builder.fdiv(builder.load(at, align=4), scale16)
                 words.append(builder.bitcast(y, _vector(_I32, 16)))
             result = _search_vbmi(builder, words, _address(builder, search_v, _I8))
+            result = raise_positive(builder, result, words, floor_v)
             out = _address(builder, codes_v, _vector(_I8, 64))
             builder.store(result, out, align=1)
         return context.get_dummy_value()
 
-    return types.void(values, scale, search, codes), codegen
+    return types.void(values, scale, search, codes, floor), codegen

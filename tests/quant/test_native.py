@@ -251,17 +251,19 @@ def _run(code: str, env: dict) -> str:
     return result.stdout
 
 
-def test_a_process_forked_after_the_kernels_ran_uses_the_torch_path():
+def test_a_process_forked_after_the_kernels_ran_uses_them_too():
+    # a DataLoader worker, say: the parent's compiled kernels and a fresh thread pool serve it
     out = _run(
         """
         import multiprocessing, torch
         from eightbit.quant import _native, _torch, get_codebook, quantize_blockwise
-        x = torch.randn(100000)
+        x = torch.randn(300000)
         parent = quantize_blockwise(x).codes
 
         def child(queue):
-            torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP needs it
-            queue.put((_native.kernels() is None, torch.equal(quantize_blockwise(x).codes, parent)))
+            torch.set_num_threads(2)
+            queue.put((_native.kernels() is not None,
+                       torch.equal(quantize_blockwise(x).codes, parent)))
 
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
