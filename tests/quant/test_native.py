@@ -346,7 +346,8 @@ def test_table_is_exact_for_every_bin_of_the_dynamic_map():
 def _sweep_kernel():
     """A numba kernel: for every fp32 value in [0, 1] and its negative, 64 at a time, whether
     encode64 (the register search, where the CPU has VBMI) gives nearest_code's code (the
-    table, checked above against searchsorted). Returns the mismatches and the values seen."""
+    table, checked above against searchsorted), raised to ``floor`` for positive values (issue
+    17's rule (b)). Returns the mismatches and the values seen."""
     from eightbit.quant import _numba as kernels
     from eightbit.quant._vbmi import encode64
     from numba import njit
@@ -354,7 +355,7 @@ def _sweep_kernel():
     nearest_code = kernels.nearest_code
 
     @njit(error_model="numpy")
-    def sweep(table, search, stride):
+    def sweep(table, search, stride, floor):
         values = np.empty(64, np.float32)
         bits = values.view(np.uint32)
         ours, expected = np.empty(64, np.uint8), np.empty(64, np.uint8)
@@ -363,9 +364,11 @@ def _sweep_kernel():
             for first in range(0, 0x3F800000 + 1, 64 * stride):
                 for j in range(64):
                     bits[j] = np.uint32(min(first + j * stride, 0x3F800000)) | sign
-                encode64(values.ctypes.data, np.float32(1.0), search.ctypes.data, ours.ctypes.data)
+                encode64(values.ctypes.data, np.float32(1.0), search.ctypes.data, ours.ctypes.data,
+                         floor)
                 for j in range(64):
-                    expected[j] = nearest_code(values[j], table)
+                    code = nearest_code(values[j], table)
+                    expected[j] = max(code, floor) if values[j] > 0 else code
                 for j in range(64):
                     wrong += ours[j] != expected[j]
                 seen += 64
@@ -379,11 +382,13 @@ def _sweep_kernel():
 def test_the_register_search_agrees_with_the_table_on_every_fp32_value(name, signed):
     # Every fp32 bit pattern with |y| <= 1 (2.1e9 values) for the default maps, every 7th for
     # the others: the three-level byte search of quant._vbmi.encode64 must give the
-    # nearest-code table's code exactly.
+    # nearest-code table's code exactly; on the unsigned maps, with rule (b)'s floor (the code
+    # after zero's for every positive value) as the optimizer states use them.
     t = _native.code_table(create_codebook(name, signed=signed))
     assert _vbmi_search(t.mids).size == 1536, "every built-in codebook fits the register search"
     stride = 1 if name == "dynamic" else 7
-    wrong, seen = _sweep_kernel()(t.table, _vbmi_search(t.mids), stride)
+    floor = np.uint8(0 if signed else t.zero_code + 1)
+    wrong, seen = _sweep_kernel()(t.table, _vbmi_search(t.mids), stride, floor)
     assert seen >= 2 * 0x3F800000 // stride
     assert wrong == 0
 
@@ -432,7 +437,7 @@ def _encode_kernel():
     def encode(values, table, search, codes):
         for s in range(0, values.size, 64):
             encode64(values.ctypes.data + 4 * s, np.float32(1.0), search.ctypes.data,
-                     codes.ctypes.data + s)
+                     codes.ctypes.data + s, np.uint8(0))
 
     return encode
 
