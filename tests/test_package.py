@@ -127,6 +127,7 @@ def test_environment_report():
         "scipy",
         "cupy",
         "CPU tensors",
+        "CPU features",
         "CUDA tensors",
     ):
         assert any(line.startswith(key) for line in out.splitlines()), (key, out)

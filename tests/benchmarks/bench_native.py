@@ -3,15 +3,18 @@
     python -m tests.benchmarks.bench_native [--numel 16M] [--rounds 15] [--no-compile]
 
 * optimizer.step() of Adam8bit, Lion8bit and RMSprop8bit at ``numel`` fp32 parameters (one
-  tensor) against torch.optim.Adam(fused=True) on the same parameter: target <= 2x;
+  tensor) against torch.optim.Adam(fused=True) on the same parameter (issue 21's targets on the
+  portable path: Adam8bit <= 1.5x, Lion8bit and RMSprop8bit <= 1.0x);
 * quantize_blockwise / dequantize_blockwise bandwidth against a plain tensor copy: target >= 50%
   (bytes read + written, as in throughput.py: quantize moves 5 bytes per fp32 value, a copy 8);
 * first use of each kernel in a fresh process: compiling it into an empty cache (target
   < 2 s), and loading it once cached.
 
-Everything is timed round-robin (timing.interleaved) and reported as medians, so load that comes
-and goes hits all contenders alike. Functions for ``make bench``: :func:`step_times`,
-:func:`quantize_times`, :func:`compile_times`.
+Where the CPU has AVX-512 VBMI, every eightbit row runs on both fused paths, "(VBMI)" and
+"(portable)" (EIGHTBIT_CPU_PATH set around each call; contenders.cpu_paths); elsewhere on the
+portable path only. Everything is timed round-robin (timing.interleaved) and reported as
+medians, so load that comes and goes hits all contenders alike. Functions for ``make bench``:
+:func:`step_times`, :func:`quantize_times`, :func:`compile_times`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import time
 
 import torch
 
+from .contenders import cpu_paths, environ, path_name
+from .report import cpu_line
 from .timing import interleaved, keep_awake
 
 M = 1 << 20
@@ -39,57 +44,75 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _paths() -> list[tuple[str | None, dict[str, str]]]:
+    """Each fused CPU path to time, with its environment; one unnamed entry where the kernels do
+    not serve CPU tensors."""
+    return [(path, dict(env)) for path, env in cpu_paths()] or [(None, {})]
+
+
+def _timed_on(env: dict[str, str], fn) -> float:
+    with environ(env):
+        return _timed(fn)
+
+
 def step_times(numel: int = 16 * M, rounds: int = 15) -> dict[str, float]:
     """Median seconds of one optimizer.step() per contender, and each one's ratio to fused Adam.
 
-    Returns ``{"torch Adam(fused=True)": s, "Adam8bit": s, ..., "Adam8bit / fused": ratio}``.
+    Returns ``{"torch Adam(fused=True)": s, "Adam8bit (VBMI)": s, ..., "Adam8bit (VBMI) /
+    fused": ratio, ...}``, the eightbit names carrying their path (:func:`_paths`).
     """
     from eightbit.optim import Adam8bit, Lion8bit, RMSprop8bit
 
     gen = torch.Generator().manual_seed(0)
-    contenders = {
-        "torch Adam(fused=True)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+    rules = {
         "Adam8bit": lambda ps: Adam8bit(ps, lr=1e-3, block_size=BLOCK),
         "Lion8bit": lambda ps: Lion8bit(ps, lr=1e-4, block_size=BLOCK),
         "RMSprop8bit": lambda ps: RMSprop8bit(ps, lr=1e-3, block_size=BLOCK),
     }
+    base = "torch Adam(fused=True)"
+    contenders = {base: (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), {})}
+    for path, env in _paths():
+        for name, make in rules.items():
+            contenders[path_name(name, path)] = (make, env)
     runs = []
-    for make in contenders.values():
+    for make, env in contenders.values():
         p = torch.nn.Parameter(torch.randn(numel, generator=gen))
         p.grad = torch.randn(numel, generator=gen) * 1e-2
         opt = make([p])
-        opt.step()  # state creation and kernel compilation are not timed
-        runs.append(lambda opt=opt: _timed(opt.step))
+        _timed_on(env, opt.step)  # state creation and kernel compilation are not timed
+        runs.append(lambda opt=opt, env=env: _timed_on(env, opt.step))
     times = interleaved(runs, [rounds] * len(runs))
     out = {name: statistics.median(t) for name, t in zip(contenders, times, strict=True)}
-    base = out["torch Adam(fused=True)"]
     for name in list(contenders)[1:]:
-        out[f"{name} / fused"] = out[name] / base
+        out[f"{name} / fused"] = out[name] / out[base]
     return out
 
 
 def quantize_times(numel: int = 16 * M, rounds: int = 25) -> dict[str, float]:
-    """Median seconds of copy, quantize and dequantize (fp32), and bandwidth ratios to the copy."""
+    """Median seconds of copy, quantize and dequantize (fp32; the eightbit operations once per
+    path, named by it), and bandwidth ratios to the copy."""
     from eightbit.quant import dequantize_blockwise, quantize_blockwise
 
     x = torch.randn(numel)
     y = torch.empty_like(x)
     q = quantize_blockwise(x, block_size=BLOCK)
     out_codes, out_absmax = torch.empty_like(q.codes), torch.empty_like(q.absmax)
-    ops = {
-        "copy": lambda: y.copy_(x),
-        "quantize": lambda: quantize_blockwise(x, block_size=BLOCK, out=(out_codes, out_absmax)),
-        "dequantize": lambda: dequantize_blockwise(q, out=y),
-    }
-    for op in ops.values():
-        op()
-    times = interleaved([lambda op=op: _timed(op) for op in ops.values()], [rounds] * len(ops))
+    moved_q = 5 * numel + 4 * numel // BLOCK
+    ops = {"copy": (lambda: y.copy_(x), {}, 8 * numel)}
+    for path, env in _paths():
+        ops[path_name("quantize", path)] = (
+            lambda: quantize_blockwise(x, block_size=BLOCK, out=(out_codes, out_absmax)), env,
+            moved_q)
+        ops[path_name("dequantize", path)] = (
+            lambda: dequantize_blockwise(q, out=y), env, moved_q + 3 * numel)
+    for op, env, _ in ops.values():
+        _timed_on(env, op)
+    times = interleaved([lambda op=op, env=env: _timed_on(env, op) for op, env, _ in ops.values()],
+                        [rounds] * len(ops))
     out = {name: statistics.median(t) for name, t in zip(ops, times, strict=True)}
-    moved = {"copy": 8 * numel, "quantize": 5 * numel + 4 * numel // BLOCK}
-    moved["dequantize"] = moved["quantize"] + 3 * numel
-    for name in ops:
-        out[f"{name} GB/s"] = moved[name] / out[name] / 1e9
-    for name in ("quantize", "dequantize"):
+    for name, (_, _, moved) in ops.items():
+        out[f"{name} GB/s"] = moved / out[name] / 1e9
+    for name in list(ops)[1:]:
         out[f"{name} / copy bandwidth"] = out[f"{name} GB/s"] / out["copy GB/s"]
     return out
 
@@ -116,6 +139,9 @@ else:
 t = time.perf_counter()
 run()
 out["first use"] = time.perf_counter() - t
+from eightbit.quant import _vbmi
+out["path"] = ("torch path" if _native.kernels() is None
+               else "VBMI" if _vbmi.in_use() else "portable")
 print(json.dumps(out))
 """
 
@@ -165,21 +191,23 @@ def main(argv: list[str] | None = None) -> None:
 def _report(args: argparse.Namespace) -> None:
     from eightbit.quant import _native
 
-    print(f"CPU path: {_native.describe()}; torch threads: {torch.get_num_threads()}")
+    print(f"CPU tensors: {_native.describe()}; torch threads: {torch.get_num_threads()}")
+    print(cpu_line([path for path, _ in cpu_paths()]))
     print(f"\noptimizer.step(), {args.numel / M:g}M fp32 parameters (median of {args.rounds})")
     for name, value in step_times(args.numel, args.rounds).items():
         shown = f"{value:8.2f}x" if "/" in name else f"{value * 1e3:8.2f} ms"
-        print(f"  {name:<26} {shown}")
+        print(f"  {name:<40} {shown}")
     print(f"\nquantize / dequantize, {args.numel / M:g}M fp32 values, block {BLOCK}")
     for name, value in quantize_times(args.numel, 2 * args.rounds).items():
-        unit = "" if "/" in name else " GB/s" if "GB/s" in name else " ms"
+        unit = " GB/s" if name.endswith(" GB/s") else "x" if "/" in name else " ms"
         shown = value * 1e3 if unit == " ms" else value
-        print(f"  {name.replace(' GB/s', ''):<26} {shown:8.2f}{unit}")
+        print(f"  {name.removesuffix(' GB/s'):<40} {shown:8.2f}{unit}")
     if not args.no_compile:
         print("\nfirst use in a fresh process (s): empty cache -> cached")
         for name, row in compile_times().items():
-            print(f"  {name:<24} {row['cold']['first use']:6.2f} -> {row['warm']['first use']:5.2f}"
-                  f"   (imports before it: {row['cold']['import']:.2f})")
+            cold, warm = row["cold"], row["warm"]
+            print(f"  {name:<24} {cold['first use']:6.2f} -> {warm['first use']:5.2f}"
+                  f"   (imports before it: {cold['import']:.2f}; {cold['path']} path)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 A contender that cannot be imported (a peer that is not installed, an eightbit optimizer that
 does not exist yet) is still listed, with the reason in ``missing``, so the table shows
 "not installed" rather than the run failing. The baseline for every ratio is torch's fused Adam.
+
+eightbit's fused CPU kernels have two codebook searches (issue 21): AVX-512 VBMI byte permutes
+and the portable path. Where the CPU has VBMI, each eightbit optimizer runs twice, as
+"eightbit X (VBMI)" and as its twin "eightbit X (portable)", with ``EIGHTBIT_CPU_PATH`` set
+around each step; elsewhere once, as "eightbit X (portable)".
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 BASELINE = "torch Adam fused"
 EIGHTBIT_OPTIMIZERS = ("Adam8bit", "AdamW8bit", "RMSprop8bit", "Lion8bit")
 TORCH_PATH = (("EIGHTBIT_CPU_BACKEND", "torch"),)  # eightbit's switch to its eager torch path
+PATH_ENV = "EIGHTBIT_CPU_PATH"  # eightbit's switch between its CPU kernels' codebook searches
+VBMI, PORTABLE = "VBMI", "portable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +47,22 @@ class Contender:
     eager_stance: bool = False
     compiles: bool = False
     env: tuple[tuple[str, str], ...] = ()
+    cpu_path: str | None = None  # VBMI or PORTABLE for eightbit's fused kernels
+    twin: bool = False  # a second path of an optimizer listed before it: the same state
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         with contextlib.ExitStack() as stack:
             if self.eager_stance:
                 stack.enter_context(torch.compiler.set_stance("force_eager"))
             if self.env:
-                stack.enter_context(_environ(dict(self.env)))
+                stack.enter_context(environ(dict(self.env)))
             optimizer.step()
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]):
+def environ(values: dict[str, str]):
+    """Set the environment variables ``values`` for the duration; restore them after, even on
+    error (a variable that was unset is removed again)."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -99,17 +110,42 @@ def _torch_contenders() -> list[Contender]:
     ]
 
 
+def cpu_paths() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The fused CPU paths this machine can time, fastest first, each with the environment
+    that selects it: VBMI then portable where the kernels may use VBMI, else portable only;
+    none when the kernels do not serve CPU tensors (then eightbit runs its torch path)."""
+    try:
+        from eightbit.quant import _native, _vbmi
+
+        if _native.kernels() is None:
+            return []
+        has_vbmi = _vbmi.in_use()
+    except (ImportError, ValueError):  # no numba, an older eightbit, or a bad setting
+        return []
+    portable = (PORTABLE, ((PATH_ENV, "portable"),))
+    return [(VBMI, ((PATH_ENV, "vbmi"),)), portable] if has_vbmi else [portable]
+
+
+def path_name(name: str, cpu_path: str | None) -> str:
+    """The name of ``name``'s row on ``cpu_path``: "eightbit Adam8bit (portable)"."""
+    return f"{name} ({cpu_path})" if cpu_path else name
+
+
 def _eightbit_contenders() -> list[Contender]:
     optim, why = quiet_import("eightbit.optim")
+    paths = cpu_paths() if optim is not None else []
     rows = []
     for name in EIGHTBIT_OPTIMIZERS:
         cls = getattr(optim, name, None) if optim is not None else None
         missing = why if optim is None else None if cls is not None else "not in eightbit.optim yet"
-        rows.append(Contender(f"eightbit {name}", "eightbit", cls, missing))
+        base = Contender(f"eightbit {name}", "eightbit", cls, missing)
+        rows += [dataclasses.replace(base, name=path_name(base.name, path), env=env,
+                                     cpu_path=path, twin=k > 0)
+                 for k, (path, env) in enumerate(paths)] or [base]
     # The same Adam8bit on its eager torch path (the fallback without numba), to show what the
     # fused CPU kernels gain.
-    adam = rows[0]
-    rows.append(dataclasses.replace(adam, name=f"{adam.name} (torch path)", env=TORCH_PATH))
+    rows.append(Contender("eightbit Adam8bit (torch path)", "eightbit", rows[0].make,
+                          rows[0].missing, env=TORCH_PATH))
     return rows
 
 

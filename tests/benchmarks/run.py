@@ -10,7 +10,9 @@ Run from the repository root::
 Measures, in one process with the contenders interleaved (see steps.py for the method):
 optimizer.step() time at each size and layout, as a ratio to torch.optim.Adam(fused=True) in the
 same run; optimizer-state bytes per parameter; quantize / dequantize throughput next to a copy
-(throughput.py); and peak process memory per contender in fresh subprocesses (memory.py). The
+(throughput.py); and peak process memory per contender in fresh subprocesses (memory.py).
+eightbit runs on each of its fused CPU paths this machine has (AVX-512 VBMI and portable, or
+portable only; contenders.cpu_paths), and the header names the CPU's features. The
 full run writes tests/benchmarks/RESULTS.md (its CPU section), cpu_bench.png, and the table in
 the README's Performance section.
 """
@@ -32,7 +34,7 @@ if __package__ in (None, ""):  # run as a file, python tests/benchmarks/run.py (
     __package__ = "tests.benchmarks"
 
 from . import bench_native, memory, report, steps, throughput  # noqa: E402
-from .contenders import BASELINE, all_contenders, select  # noqa: E402
+from .contenders import BASELINE, all_contenders, cpu_paths, select  # noqa: E402
 from .timing import keep_awake  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -153,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     contenders = select(all_contenders(), args.only)
+    cpu = report.cpu_line([path for path, _ in cpu_paths()])
     _log(f"eightbit benchmarks ({'quick' if args.quick else 'full'}) on {report.machine()}")
     _log(report.versions())
+    _log(cpu)
     for c in contenders:
         if c.missing:
             _log(f"  {c.name}: {c.missing}")
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks: list[memory.PeakMemory] = []
     if not args.no_memory and memory_numel:
         _log(f"\npeak process memory, {memory_numel:,} parameters, one subprocess per optimizer")
-        names = [c.name for c in contenders if not c.missing]
+        names = [c.name for c in contenders if not c.missing and not c.twin]  # twins: same state
         peaks = memory.measure(names, memory_numel, log=_log,
                                deadline=started + args.time_limit)
     elapsed = time.perf_counter() - started
@@ -201,15 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(["python -m tests.benchmarks.run", *(sys.argv[1:] if argv is None
                                                                  else argv)])
         load = (load_at_start, os.getloadavg()[0])
-        _write(args, tables, results, peaks, memory_numel, elapsed, command, load)
+        _write(args, tables, results, peaks, memory_numel, elapsed, command, load, cpu)
     return 0
 
 
-def _write(args, tables, results, peaks, memory_numel, elapsed, command, load) -> None:
+def _write(args, tables, results, peaks, memory_numel, elapsed, command, load, cpu) -> None:
     from .writeup import readme_section, results_section
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    info = dict(stamp=stamp, machine=report.machine(), versions=report.versions(),
+    info = dict(stamp=stamp, machine=report.machine(), versions=report.versions(), cpu=cpu,
                 command=command, elapsed=elapsed, memory_numel=memory_numel,
                 min_steps=MIN_STEPS, args=args, late=LATE, load=load)
     png = HERE / "cpu_bench.png"

@@ -3,9 +3,10 @@
 GB/s counts the bytes an operation must read plus the bytes it must write (10^9 bytes per GB):
 for ``n`` fp32 values and block size 256, quantize reads 4n and writes n codes + 4n/256 absmax;
 dequantize reads those and writes 4n; a copy reads 4n and writes 4n. Operations are interleaved
-round by round like the step timings, and each reports the median of its rounds. Before timing,
-each quantizer's round trip is run once and its mean absolute error reported, so a fast but
-wrong result cannot hide in the table.
+round by round like the step timings, and each reports the median of its rounds. eightbit's
+operations run once per fused CPU path (contenders.cpu_paths). Before timing, each quantizer's
+round trip is run once and its mean absolute error reported, so a fast but wrong result cannot
+hide in the table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .contenders import quiet_import
+from .contenders import cpu_paths, environ, path_name, quiet_import
 from .timing import interleaved, reps_for
 
 BLOCK = 256
@@ -43,20 +44,34 @@ class _Op:
     roundtrip: Callable[[], torch.Tensor] | None = None
 
 
+def _on_path(env: dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``env`` set around each call (restored after, even on error)."""
+    def run():
+        with environ(env):
+            return fn()
+
+    return run
+
+
 def _eightbit_ops(x: torch.Tensor, n: int, qbytes: int) -> list[_Op]:
+    """quantize and dequantize on each fused CPU path (contenders.cpu_paths), named by it."""
     from eightbit.quant import dequantize_blockwise, num_blocks, quantize_blockwise
 
     codes = torch.empty(n, dtype=torch.uint8)
     absmax = torch.empty(num_blocks(n, BLOCK))
     q = quantize_blockwise(x, block_size=BLOCK, out=(codes, absmax))
     y = torch.empty_like(x)
-    return [
-        _Op("eightbit quantize_blockwise", lambda: quantize_blockwise(
-            x, block_size=BLOCK, out=(codes, absmax)), 4 * n + qbytes,
-            lambda: quantize_blockwise(x, block_size=BLOCK).dequantize()),
-        _Op("eightbit dequantize_blockwise", lambda: dequantize_blockwise(q, out=y),
-            qbytes + 4 * n),
-    ]
+    ops = []
+    for path, env in cpu_paths() or [(None, ())]:
+        env = dict(env)
+        ops += [
+            _Op(path_name("eightbit quantize_blockwise", path), _on_path(env, lambda: (
+                quantize_blockwise(x, block_size=BLOCK, out=(codes, absmax)))), 4 * n + qbytes,
+                _on_path(env, lambda: quantize_blockwise(x, block_size=BLOCK).dequantize())),
+            _Op(path_name("eightbit dequantize_blockwise", path),
+                _on_path(env, lambda: dequantize_blockwise(q, out=y)), qbytes + 4 * n),
+        ]
+    return ops
 
 
 def _bitsandbytes_ops(bnb, x: torch.Tensor, n: int, qbytes: int) -> list[_Op]:
