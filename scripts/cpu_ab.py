@@ -1,0 +1,113 @@
+"""A/B of the fused CPU kernels: this checkout against an earlier commit, in one process.
+
+    .venv/bin/python scripts/cpu_ab.py [--baseline 2b6a52b] [--numel 16M] [--rounds 9] [--threads 1]
+
+The baseline commit is checked out into a temporary git worktree; both trees are imported side
+by side under other package names (``eb_base`` and ``eb_head``: a folder of links to each tree's
+layers, which import each other relatively), so that every round times torch's fused Adam, the
+baseline's and this checkout's optimizers (and this checkout's portable path) back to back.
+Load that comes and goes then hits all of them alike; the ratios to fused Adam are what to
+compare. Each tree compiles into its own numba cache (keyed by source path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("quant", "functional", "optim")
+
+MEASURE = r"""
+import os, statistics, sys, time, torch
+import eb_base, eb_head
+numel, rounds = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))
+gen = torch.Generator().manual_seed(0)
+
+def step_of(cls, **kw):
+    p = torch.nn.Parameter(torch.randn(numel, generator=gen) * 0.1)
+    p.grad = torch.randn(numel, generator=gen) * 0.01
+    return cls([p], lr=1e-3, **kw).step
+
+def portable(fn):
+    def run():
+        os.environ["EIGHTBIT_CPU_PATH"] = "portable"
+        try:
+            fn()
+        finally:
+            del os.environ["EIGHTBIT_CPU_PATH"]
+    return run
+
+x, dst = torch.randn(numel, generator=gen), torch.empty(numel)
+ops = {"torch Adam(fused=True)": step_of(torch.optim.Adam, fused=True)}
+for name in ("Adam8bit", "Lion8bit", "RMSprop8bit"):
+    ops[f"baseline {name}"] = step_of(getattr(eb_base.optim, name))
+    ops[f"this {name}"] = step_of(getattr(eb_head.optim, name))
+    ops[f"this {name} (portable)"] = portable(step_of(getattr(eb_head.optim, name)))
+ops["copy"] = lambda: dst.copy_(x)
+ops["baseline quantize"] = lambda: eb_base.quant.quantize_blockwise(x)
+ops["this quantize"] = lambda: eb_head.quant.quantize_blockwise(x)
+ops["this quantize (portable)"] = portable(lambda: eb_head.quant.quantize_blockwise(x))
+for fn in ops.values():
+    fn(); fn()
+times = {k: [] for k in ops}
+for _ in range(rounds):
+    for k, fn in ops.items():
+        start = time.perf_counter(); fn(); times[k].append(time.perf_counter() - start)
+med = {k: statistics.median(v) for k, v in times.items()}
+fused, copy = med["torch Adam(fused=True)"], med["copy"]
+print(f"{numel:,} fp32 values, {torch.get_num_threads()} threads, median of {rounds} rounds; "
+      f"torch Adam(fused=True) {fused * 1e3:.1f} ms, copy {copy * 1e3:.1f} ms")
+for k in ops:
+    if k not in ("torch Adam(fused=True)", "copy"):
+        base = "copy" if "quantize" in k else "torch Adam(fused=True)"
+        print(f"  {k:<30} {med[k] / med[base]:5.2f}x {base}")
+"""
+
+
+def _package(tree: Path, name: str, into: Path) -> None:
+    """``into/name``: links to ``tree``'s eightbit/*.py and its layer folders."""
+    pkg = into / name
+    pkg.mkdir()
+    for f in (tree / "eightbit").glob("*.py"):
+        (pkg / f.name).symlink_to(f)
+    for layer in LAYERS:
+        (pkg / layer).symlink_to(tree / layer)
+
+
+def _numel(text: str) -> int:
+    text = text.strip().upper()
+    return int(text[:-1]) * (1 << 20) if text.endswith("M") else int(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="scripts/cpu_ab.py")
+    ap.add_argument("--baseline", default="2b6a52b", help="commit to compare with")
+    ap.add_argument("--numel", type=_numel, default=16_000_000)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "baseline"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base),
+                        args.baseline], check=True)
+        try:
+            _package(base, "eb_base", tmp)
+            _package(ROOT, "eb_head", tmp)
+            env = {**os.environ, "PYTHONPATH": str(tmp)}
+            env.pop("EIGHTBIT_CPU_PATH", None)
+            return subprocess.run([sys.executable, "-c", MEASURE, str(args.numel),
+                                   str(args.rounds), str(args.threads)], env=env).returncode
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
+                           check=False)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
