@@ -7,12 +7,17 @@ by side under other package names (``eb_base`` and ``eb_head``: a folder of link
 layers, which import each other relatively), so that every round times torch's fused Adam, the
 baseline's and this checkout's optimizers (and this checkout's portable path) back to back.
 Load that comes and goes then hits all of them alike; the ratios to fused Adam are what to
-compare. Each tree compiles into its own numba cache (keyed by source path).
+compare. Each tree compiles into its own numba cache (keyed by source path). Every call is
+followed by a 20 ms pause outside the timings: OpenMP workers (torch's, and the baseline's numba
+threading layer) spin for a while after a parallel region, and would otherwise slow whatever runs
+next; and ``tests.benchmarks.timing.keep_awake`` keeps idle vCPUs from sleeping, as in
+``make bench``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 LAYERS = ("quant", "functional", "optim")
 
 MEASURE = r"""
@@ -59,6 +65,7 @@ times = {k: [] for k in ops}
 for _ in range(rounds):
     for k, fn in ops.items():
         start = time.perf_counter(); fn(); times[k].append(time.perf_counter() - start)
+        time.sleep(0.02)
 med = {k: statistics.median(v) for k, v in times.items()}
 fused, copy = med["torch Adam(fused=True)"], med["copy"]
 print(f"{numel:,} fp32 values, {torch.get_num_threads()} threads, median of {rounds} rounds; "
@@ -91,7 +98,10 @@ def main() -> int:
     ap.add_argument("--numel", type=_numel, default=16_000_000)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-keep-awake", dest="keep_awake", action="store_false")
     args = ap.parse_args()
+    from tests.benchmarks.timing import keep_awake
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = tmp / "baseline"
@@ -102,8 +112,9 @@ def main() -> int:
             _package(ROOT, "eb_head", tmp)
             env = {**os.environ, "PYTHONPATH": str(tmp)}
             env.pop("EIGHTBIT_CPU_PATH", None)
-            return subprocess.run([sys.executable, "-c", MEASURE, str(args.numel),
-                                   str(args.rounds), str(args.threads)], env=env).returncode
+            with keep_awake() if args.keep_awake else contextlib.nullcontext():
+                return subprocess.run([sys.executable, "-c", MEASURE, str(args.numel),
+                                       str(args.rounds), str(args.threads)], env=env).returncode
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
                            check=False)
