@@ -125,25 +125,47 @@ def threads() -> int:
 
 
 def parts(blocks: int, elements: int) -> int:
-    """How many parts (threads) a call of ``blocks`` blocks and ``elements`` values uses."""
-    return min(threads(), blocks, max(1, elements // GRAIN))
+    """How many parts a call of ``blocks`` blocks and ``elements`` values is cut into: one with
+    one thread, else :data:`SPLIT` per thread, each of at least :data:`GRAIN` elements."""
+    if threads() == 1:
+        return 1
+    return max(1, min(SPLIT * threads(), blocks, elements // GRAIN))
+
+
+# Parts per thread. Threads take parts as they finish (run_parts), so a thread slowed by
+# another process, or by torch's OpenMP workers still spinning after an op, takes fewer.
+SPLIT = 4
 
 
 def run_parts(kernel, count: int, *args) -> None:
-    """``kernel(part, count, *args)`` for every part, part 0 on this thread and the others on
-    a pool of Python threads (the kernels are ``nogil``, so they run in parallel).
+    """``kernel(part, count, *args)`` for every part, on this thread and a pool of Python
+    threads (``torch.get_num_threads()`` in all; the kernels are ``nogil``, so they run in
+    parallel), each thread taking the next part when it finishes one.
 
     Python threads rather than ``@njit(parallel=True)``: no parallel driver to compile on first
     use, no numba threading layer (the kernels stay usable in a forked child), and the thread
-    count follows ``torch.set_num_threads``.
+    count follows ``torch.set_num_threads``. Results do not depend on the split: every block is
+    computed the same way whichever part holds it.
     """
-    if count == 1:
-        kernel(0, 1, *args)
+    workers = min(threads(), count)
+    if workers == 1:
+        for part in range(count):
+            kernel(part, count, *args)
         return
-    pool = _pool(count - 1)
-    others = [pool.submit(kernel, part, count, *args) for part in range(1, count)]
+    lock, parts_left = threading.Lock(), iter(range(count))
+
+    def work():
+        while True:
+            with lock:
+                part = next(parts_left, None)
+            if part is None:
+                return
+            kernel(part, count, *args)
+
+    pool = _pool(workers - 1)
+    others = [pool.submit(work) for _ in range(workers - 1)]
     try:
-        kernel(0, count, *args)
+        work()
     finally:
         for future in others:  # wait for all before the caller may free what they write
             future.exception()

@@ -15,6 +15,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,13 +220,39 @@ def torch_threads():
 
 @pytest.mark.parametrize(
     "threads, blocks, elements, parts",
-    [(1, 10, 10**6, 1), (2, 10, 10**6, 2), (2, 1, 10**6, 1), (2, 10, 50000, 1)],
+    [(1, 10, 10**6, 1), (2, 100, 10**6, 8), (2, 3, 10**6, 3), (2, 1, 10**6, 1),
+     (2, 100, 100_000, 3), (2, 10, 50000, 1)],
 )
 def test_parts_follow_torch_threads_blocks_and_grain(torch_threads, threads, blocks, elements,
                                                       parts):
-    assert _native.GRAIN > 50000 // 2  # the last row: too few elements for two parts
+    # SPLIT parts per thread, at most one per block and per GRAIN elements
+    assert _native.SPLIT == 4 and 100_000 // _native.GRAIN == 3
     torch_threads(threads)
     assert _native.parts(blocks, elements) == parts
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_run_parts_runs_every_part_once_and_raises_a_parts_error(torch_threads, threads):
+    torch_threads(threads)
+    seen = []
+    lock = threading.Lock()
+
+    def kernel(part, count, out):
+        time.sleep(0.001 * (part % 3))  # uneven parts: threads take different numbers of them
+        with lock:
+            out.append((part, count, threading.get_ident()))
+
+    _native.run_parts(kernel, 12, seen)
+    assert sorted(p for p, _, _ in seen) == list(range(12))
+    assert {c for _, c, _ in seen} == {12}
+    assert len({t for _, _, t in seen}) <= threads
+
+    def failing(part, count):
+        if part == 7:
+            raise ValueError("part 7")
+
+    with pytest.raises(ValueError, match="part 7"):
+        _native.run_parts(failing, 12)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
