@@ -7,7 +7,8 @@ by side under other package names (``eb_base`` and ``eb_head``: a folder of link
 layers, which import each other relatively), so that every round times torch's fused Adam, the
 baseline's and this checkout's optimizers (and this checkout's portable path) back to back.
 Load that comes and goes then hits all of them alike; the ratios to fused Adam are what to
-compare. Each tree compiles into its own numba cache (keyed by source path). Every call is
+compare. Both compile into a temporary numba cache: code cached under the borrowed package
+names would not load in a normal import of the same files. Every call is
 followed by a 20 ms pause outside the timings: OpenMP workers (torch's, and the baseline's numba
 threading layer) spin for a while after a parallel region, and would otherwise slow whatever runs
 next; and ``tests.benchmarks.timing.keep_awake`` keeps idle vCPUs from sleeping, as in
@@ -110,7 +111,7 @@ def main() -> int:
         try:
             _package(base, "eb_base", tmp)
             _package(ROOT, "eb_head", tmp)
-            env = {**os.environ, "PYTHONPATH": str(tmp)}
+            env = {**os.environ, "PYTHONPATH": str(tmp), "NUMBA_CACHE_DIR": str(tmp / "cache")}
             env.pop("EIGHTBIT_CPU_PATH", None)
             with keep_awake() if args.keep_awake else contextlib.nullcontext():
                 return subprocess.run([sys.executable, "-c", MEASURE, str(args.numel),
