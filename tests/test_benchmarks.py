@@ -3,6 +3,7 @@ the per-path contenders and their environment switch. Nothing here is timed or a
 
 import argparse
 import os
+import time
 
 import pytest
 from eightbit.quant import _vbmi
@@ -216,3 +217,21 @@ def test_results_and_readme_sections_carry_the_cpu_line():
     readme = writeup.readme_section(tables, info)
     assert cpu in " ".join(readme.split())
     assert f"| eightbit Adam8bit ({PORTABLE}) | - | 64.0x | 2.00x |" in readme
+
+
+def test_interleaved_spreads_calls_round_robin_and_settles_after_each():
+    from tests.benchmarks import timing
+
+    order = []
+
+    def run(name):
+        def call():
+            order.append((name, time.perf_counter()))
+            return 0.0
+        return call
+
+    times = timing.interleaved([run("a"), run("b")], [4, 2], settle_s=0.005)
+    assert [len(t) for t in times] == [4, 2]
+    assert [n for n, _ in order] == ["a", "a", "b", "a", "a", "b"]
+    gaps = [b - a for (_, a), (_, b) in zip(order[:-1], order[1:], strict=True)]
+    assert min(gaps) >= 0.005  # the pause follows every call, outside the timings

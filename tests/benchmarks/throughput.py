@@ -158,7 +158,8 @@ def measure(
             op.run()
         probes.append(_timed(op.run)())
     counts = [reps_for(p, reps=reps, min_reps=min_reps, budget_s=budget_s) - 1 for p in probes]
-    timings = interleaved([_timed(op.run) for op in ops], counts)
+    # operations of a few ms each: a copy's spinning OpenMP workers would slow the next one
+    timings = interleaved([_timed(op.run) for op in ops], counts, settle_s=0.02)
     for op, probe, times in zip(ops, probes, timings, strict=True):
         res = timed[op.name]
         res.median_s = statistics.median([probe] + times)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 # A busy loop that the kernel runs only when nothing else wants the core (SCHED_IDLE). If the
@@ -41,12 +42,15 @@ def reps_for(predicted_s: float, *, reps: int, min_reps: int, budget_s: float) -
     return max(min_reps, min(reps, int(budget_s / max(predicted_s, 1e-9))))
 
 
-def interleaved(runs: list[Callable[[], float]], counts: list[int]) -> list[list[float]]:
+def interleaved(runs: list[Callable[[], float]], counts: list[int], *,
+                settle_s: float = 0.0) -> list[list[float]]:
     """Call ``runs[k]`` ``counts[k]`` times, round-robin, and return each one's timings.
 
     Each ``run()`` returns the seconds it measured. In every round each run that still owes
     calls makes one, its calls spread evenly over the rounds (Bresenham), so noise that comes
-    and goes during the benchmark hits every contender alike.
+    and goes during the benchmark hits every contender alike. ``settle_s``: a pause after each
+    call, outside the timings, so that OpenMP workers still spinning after one contender's
+    parallel region (torch's spin for milliseconds) do not slow the next one.
     """
     rounds = max(counts, default=0)
     times: list[list[float]] = [[] for _ in runs]
@@ -54,4 +58,6 @@ def interleaved(runs: list[Callable[[], float]], counts: list[int]) -> list[list
         for run, count, out in zip(runs, counts, times, strict=True):
             if (i + 1) * count // rounds > i * count // rounds:
                 out.append(run())
+                if settle_s:
+                    time.sleep(settle_s)
     return times
