@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="while timing, keep the CPUs out of idle with a SCHED_IDLE busy loop per "
                          "core (default on; see timing.keep_awake)")
     ap.add_argument("--time-limit", type=float,
-                    help="seconds the run aims to stay within (default 540; quick 70): when the "
+                    help="seconds the run aims to stay within (default 480; quick 70): when the "
                          "step timings pass 65%% of it, the remaining sizes time only fast "
                          "optimizers with fewer steps, and memory subprocesses that would start "
                          "after it are left out")
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     layouts=[1, 64], reps=15 if quick else 40,
                     min_reps=3 if quick else 5, budget=2.0 if quick else 10.0,
                     max_step_s=1.5 if quick else 5.0, write=not quick,
-                    time_limit=70.0 if quick else 540.0,
+                    time_limit=70.0 if quick else 480.0,
                     throughput_size=4 << 20 if quick else 16 << 20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
