@@ -275,18 +275,23 @@ def _blocks_from_scales(codes: torch.Tensor, scales: torch.Tensor, pieces, block
     # A piece keeps its codes and absmax when every element carries the first one's absmax.
     mixed = torch.zeros(len(pieces), dtype=torch.bool, device=scales.device)
     mixed.index_put_((piece_of,), flat_scales != absmax[piece_of], accumulate=True)
-    for i in torch.nonzero(mixed).view(-1).tolist():
-        # Parts of a block saved with different absmax (by different ranks, or on another
-        # run's grid): dequantize, then quantize as one block.
-        a, b = pieces[i]
-        codebook = get_codebook("dynamic", signed=signed, device=scales.device)
-        values = codebook[flat_codes[a:b].long()] * flat_scales[a:b]
-        new_codes, new_absmax = quantize_segment(
-            values, get_midpoints("dynamic", signed=signed, device=scales.device), block_size)
+    # Parts of a block saved with different absmax (by different ranks, or on another run's
+    # grid): dequantize, then quantize as one block. Batches of blocks padded with zeros (which
+    # change no absmax or code) of at most 2**20 elements: one call each, bounded memory.
+    codebook = get_codebook("dynamic", signed=signed, device=scales.device)
+    mids = get_midpoints("dynamic", signed=signed, device=scales.device)
+    column = torch.arange(block_size, device=scales.device)
+    for batch in torch.nonzero(mixed).view(-1).split(max(1, 2**20 // block_size)):
+        real = column < lengths[batch, None]
+        where = (starts[batch, None] + column)[real]
+        values = torch.zeros(len(batch), block_size, device=scales.device)
+        values[real] = codebook[flat_codes[where].long()] * flat_scales[where]
+        new_codes, new_absmax = quantize_segment(values.view(-1), mids, block_size)
+        new_codes = new_codes.view(len(batch), block_size)[real]
         if not signed:  # issue 17 rule (b): a positive second moment never decodes to 0
-            new_codes[(values > 0) & (new_codes == 0)] = 1
-        flat_codes[a:b] = new_codes
-        absmax[i] = new_absmax[0]
+            new_codes[(values[real] > 0) & (new_codes == 0)] = 1
+        flat_codes[where] = new_codes
+        absmax[batch] = new_absmax
     return absmax
 
 
