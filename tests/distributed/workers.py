@@ -290,7 +290,7 @@ def _plain_to_fsdp2(rank: int, world_size: int, out: Path, report: dict):
     plain_opt = AdamW8bit(plain.parameters(), **CROSS_OPTIONS)
     cross_train(plain, plain_opt, 0)
     if rank == 0:
-        torch.save({"by_name": get_optimizer_state_dict(plain, plain_opt, options=FULL),
+        torch.save({"by_name": get_optimizer_state_dict(plain, plain_opt),  # the README's
                     "by_id": plain_opt.state_dict()}, out / "plain.pt")
     dist.barrier()
     saved = torch.load(out / "plain.pt", weights_only=True)
