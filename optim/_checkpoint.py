@@ -34,13 +34,12 @@ def register_hooks(optimizer: torch.optim.Optimizer) -> None:
 
 def expected_state(optimizer, p: torch.Tensor, group: dict, eight_bit: bool) -> dict:
     """``{key: (dtype, shapes, spec)}`` of every state tensor ``p`` may hold (``step`` aside):
-    the global shapes ``state_dict()`` gives them (a DTensor's, see :mod:`._distributed`); a
-    plain parameter also takes a sharded run's full absmax. A spec whose ``enabled(group)`` is
-    false may be absent."""
+    the global shapes ``state_dict()`` gives them (a DTensor's, see :mod:`._distributed`); an
+    absmax may come in either layout, a plain run's (flat) or a sharded run's. A spec whose
+    ``enabled(group)`` is false may be absent."""
     block_size = group["block_size"]
-    absmax = {torch.Size(_distributed.absmax_shape(p, block_size))}
-    if not _distributed.is_sharded(p):
-        absmax.add(torch.Size(_distributed.absmax_shape_sharded(p, block_size)))
+    absmax = {torch.Size(_distributed.absmax_shape_sharded(p, block_size)),
+              torch.Size(_distributed.absmax_shape_flat(p, block_size))}
     out = {}
     for spec in optimizer.state_specs:
         if eight_bit:

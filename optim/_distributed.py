@@ -19,6 +19,8 @@ global offset and loads it into any other sharding:
   bit) and requantizes only blocks assembled from parts with different absmax.
 
 Plain (non-DTensor) parameters keep the flat layout of :mod:`eightbit.quant` (unchanged).
+Either layout loads into the other (a plain run's checkpoint under FSDP2 and back): blocks that
+the two grids cut differently are requantized, all others keep their codes and absmax.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def _wrap(p, local: torch.Tensor, shape: tuple[int, ...]):
                               shape=torch.Size(shape), stride=stride)
 
 
-def _offset_1d(p) -> int:
-    """The global index of the first element of this rank's shard of a 1-D DTensor."""
+def _offset(p) -> int:
+    """The global dim-0 index (the element of a 1-D DTensor, else the row) where this rank's
+    shard starts."""
     from torch.distributed.tensor import Shard
 
     start, size = 0, p.shape[0]
@@ -100,8 +103,13 @@ def _segments_1d(offset: int, n: int, block_size: int) -> list[tuple[int, int]]:
 def absmax_shape(p: torch.Tensor, block_size: int) -> tuple[int, ...]:
     """The global shape of an 8-bit state's absmax for ``p`` as ``state_dict()`` holds it."""
     if not is_sharded(p):
-        return (num_blocks(p.numel(), block_size),)
+        return absmax_shape_flat(p, block_size)
     return absmax_shape_sharded(p, block_size)
+
+
+def absmax_shape_flat(p: torch.Tensor, block_size: int) -> tuple[int, ...]:
+    """The absmax shape a plain run's state_dict holds for a parameter of ``p``'s shape."""
+    return (num_blocks(p.numel(), block_size),)
 
 
 def absmax_shape_sharded(p: torch.Tensor, block_size: int) -> tuple[int, ...]:
@@ -127,7 +135,7 @@ def fresh_state(p, key: str, fill: float, dtype: torch.dtype, eight_bit: bool,
                                       device=local.device), absmax_shape(p, block_size))
     else:  # kept local; state_dict() stores it per element (see portable_state)
         n = local.numel()
-        absmax = torch.zeros(len(_segments_1d(_offset_1d(p), n, block_size)) if n else 0,
+        absmax = torch.zeros(len(_segments_1d(_offset(p), n, block_size)) if n else 0,
                              device=local.device)
     return {f"{key}_codes": codes, f"{key}_absmax": absmax}
 
@@ -159,7 +167,7 @@ def step_views(p: torch.Tensor, state: dict, block_size: int) -> Iterator[tuple]
         pieces = [(i * row, (i + 1) * row) for i in range(local.shape[0])]
         absmax_of = [slice(i, i + 1) for i in range(local.shape[0])]  # rows of a 2-D absmax
     else:
-        pieces = _segments_1d(_offset_1d(p), local.numel(), block_size)
+        pieces = _segments_1d(_offset(p), local.numel(), block_size)
         starts = [0]
         for a, b in pieces:
             starts.append(starts[-1] + num_blocks(b - a, block_size))
@@ -184,7 +192,7 @@ def portable_state(p: torch.Tensor, state: dict, block_size: int) -> dict:
     if not keys:
         return state
     local = p.to_local()
-    pieces = _segments_1d(_offset_1d(p), local.numel(), block_size)
+    pieces = _segments_1d(_offset(p), local.numel(), block_size)
     lengths = torch.tensor([b - a for a, b in pieces], dtype=torch.long, device=local.device)
     out = dict(state)
     for k in keys:
@@ -199,7 +207,10 @@ def restore_state(p: torch.Tensor, state: dict, block_size: int, signed: dict[st
     ``signed`` maps each 8-bit state name to its codebook's sign.
     """
     for key, value in list(state.items()):
-        if key != "step" and is_sharded(p):
+        if key.endswith("_absmax") and _holds_flat_absmax(p, value, block_size):
+            # a plain run's blocks cross this rank's bounds: keep them whole (they are small)
+            state[key] = value.full_tensor() if is_sharded(value) else value
+        elif key != "step" and is_sharded(p):
             if is_sharded(value):
                 if value.placements != p.placements or value.device_mesh != p.device_mesh:
                     value = value.redistribute(p.device_mesh, p.placements)
@@ -215,12 +226,40 @@ def restore_state(p: torch.Tensor, state: dict, block_size: int, signed: dict[st
         if absmax_key not in state:
             continue
         absmax = state[absmax_key]
-        if is_sharded(p) and p.dim() < 2:  # per element -> the local pieces of the global grid
+        if is_sharded(p) and not is_sharded(absmax):  # a plain run's (kept whole above)
+            state[absmax_key] = _sharded_absmax(p, state[codes_key], absmax, block_size,
+                                                is_signed)
+        elif is_sharded(p) and p.dim() < 2:  # per element -> the local pieces of the global grid
             codes, scales = state[codes_key].to_local(), absmax.to_local()
-            pieces = _segments_1d(_offset_1d(p), codes.numel(), block_size)
+            pieces = _segments_1d(_offset(p), codes.numel(), block_size)
             state[absmax_key] = _blocks_from_scales(codes, scales, pieces, block_size, is_signed)
         elif not is_sharded(p) and absmax.shape != (num_blocks(p.numel(), block_size),):
             state[absmax_key] = _flat_absmax(p, state[codes_key], absmax, block_size, is_signed)
+
+
+def _holds_flat_absmax(p, absmax: torch.Tensor, block_size: int) -> bool:
+    """Whether a DTensor parameter's loaded ``absmax`` has a plain run's flat layout."""
+    flat = absmax_shape_flat(p, block_size)
+    return (is_sharded(p) and tuple(absmax.shape) == flat
+            and flat != absmax_shape_sharded(p, block_size))
+
+
+def _sharded_absmax(p, codes, flat_absmax: torch.Tensor, block_size: int,
+                    signed: bool) -> torch.Tensor:
+    """A plain run's whole flat absmax as this rank's absmax of ``p``'s layout; blocks whose
+    elements the flat grid gave different absmax are requantized (``codes`` in place)."""
+    local = codes.to_local()
+    start = _offset(p) * (_row_length(p) if p.dim() >= 2 else 1)  # of the first local element
+    index = torch.arange(start, start + local.numel(), device=flat_absmax.device) // block_size
+    scales = flat_absmax[index]
+    if p.dim() < 2:
+        pieces = _segments_1d(_offset(p), local.numel(), block_size)
+        return _blocks_from_scales(local, scales, pieces, block_size, signed)
+    row, per_row = _row_length(p), num_blocks(_row_length(p), block_size)
+    pieces = [(r + j * block_size, min(r + (j + 1) * block_size, r + row))
+              for r in range(0, local.numel(), row) for j in range(per_row)]
+    absmax = _blocks_from_scales(local, scales, pieces, block_size, signed)
+    return _wrap(p, absmax.view(local.shape[0], per_row), absmax_shape(p, block_size))
 
 
 def _blocks_from_scales(codes: torch.Tensor, scales: torch.Tensor, pieces, block_size: int,
@@ -236,17 +275,23 @@ def _blocks_from_scales(codes: torch.Tensor, scales: torch.Tensor, pieces, block
     # A piece keeps its codes and absmax when every element carries the first one's absmax.
     mixed = torch.zeros(len(pieces), dtype=torch.bool, device=scales.device)
     mixed.index_put_((piece_of,), flat_scales != absmax[piece_of], accumulate=True)
-    for i in torch.nonzero(mixed).view(-1).tolist():
-        # Parts of a block saved by different ranks: dequantize, then quantize as one block.
-        a, b = pieces[i]
-        codebook = get_codebook("dynamic", signed=signed, device=scales.device)
-        values = codebook[flat_codes[a:b].long()] * flat_scales[a:b]
-        new_codes, new_absmax = quantize_segment(
-            values, get_midpoints("dynamic", signed=signed, device=scales.device), block_size)
+    # Parts of a block saved with different absmax (by different ranks, or on another run's
+    # grid): dequantize, then quantize as one block. Batches of blocks padded with zeros (which
+    # change no absmax or code) of at most 2**20 elements: one call each, bounded memory.
+    codebook = get_codebook("dynamic", signed=signed, device=scales.device)
+    mids = get_midpoints("dynamic", signed=signed, device=scales.device)
+    column = torch.arange(block_size, device=scales.device)
+    for batch in torch.nonzero(mixed).view(-1).split(max(1, 2**20 // block_size)):
+        real = column < lengths[batch, None]
+        where = (starts[batch, None] + column)[real]
+        values = torch.zeros(len(batch), block_size, device=scales.device)
+        values[real] = codebook[flat_codes[where].long()] * flat_scales[where]
+        new_codes, new_absmax = quantize_segment(values.view(-1), mids, block_size)
+        new_codes = new_codes.view(len(batch), block_size)[real]
         if not signed:  # issue 17 rule (b): a positive second moment never decodes to 0
-            new_codes[(values > 0) & (new_codes == 0)] = 1
-        flat_codes[a:b] = new_codes
-        absmax[i] = new_absmax[0]
+            new_codes[(values[real] > 0) & (new_codes == 0)] = 1
+        flat_codes[where] = new_codes
+        absmax[batch] = new_absmax
     return absmax
 
 
