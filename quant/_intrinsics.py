@@ -130,11 +130,22 @@ def _vec(element):
     return ir.VectorType(element, _LANES)
 
 
-def _splat(builder, value):
-    undef = ir.Constant(_vec(value.type), ir.Undefined)
+def _indices(values):
+    """A constant ``<n x i32>`` of ``values`` (shuffle masks)."""
+    return ir.Constant(ir.VectorType(_I32, len(values)), [ir.Constant(_I32, v) for v in values])
+
+
+def _splat(builder, value, n=_LANES):
+    """``value`` in all ``n`` lanes of a vector."""
+    undef = ir.Constant(ir.VectorType(value.type, n), ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    zeros = ir.Constant(_vec(_I32), [ir.Constant(_I32, 0)] * _LANES)
-    return builder.shuffle_vector(one, undef, zeros)
+    return builder.shuffle_vector(one, undef, _indices([0] * n))
+
+
+def _function(builder, name, ret, args):
+    """The module's declaration of the LLVM intrinsic ``name``, added on first use."""
+    module = builder.module
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name)
 
 
 def _words(value):
@@ -162,9 +173,7 @@ def _gather(builder, base, index, element):
     mask = ir.Constant(_vec(ir.IntType(1)), [ir.Constant(ir.IntType(1), 1)] * _LANES)
     vec_t = _vec(element)
     name = f"llvm.masked.gather.v16{'f32' if element == ir.FloatType() else 'i32'}.v16p0"
-    module = builder.module
-    fn = module.globals.get(name) or ir.Function(
-        module, ir.FunctionType(vec_t, [pointers.type, _I32, mask.type, vec_t]), name)
+    fn = _function(builder, name, vec_t, [pointers.type, _I32, mask.type, vec_t])
     return builder.call(fn, [pointers, ir.Constant(_I32, 4), mask,
                              ir.Constant(vec_t, ir.Undefined)])
 
@@ -176,16 +185,10 @@ def raise_positive(builder, codes, words, floor):
     positive = [builder.icmp_signed(">", w, _words(0)) for w in words]
     while len(positive) > 1:  # concatenated in order, 16 lanes -> 32 -> 64
         pairs = zip(positive[::2], positive[1::2], strict=True)
-        positive = [builder.shuffle_vector(a, b, ir.Constant(
-            ir.VectorType(_I32, 2 * a.type.count), [ir.Constant(_I32, i)
-                                                     for i in range(2 * a.type.count)]))
-            for a, b in pairs]
-    n = codes.type.count
+        positive = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
+                    for a, b in pairs]
     floor8 = builder.trunc(floor, ir.IntType(8)) if floor.type.width > 8 else floor
-    undef = ir.Constant(ir.VectorType(ir.IntType(8), n), ir.Undefined)
-    splat = builder.shuffle_vector(
-        builder.insert_element(undef, floor8, ir.Constant(_I32, 0)), undef,
-        ir.Constant(ir.VectorType(_I32, n), [ir.Constant(_I32, 0)] * n))
+    splat = _splat(builder, floor8, codes.type.count)
     raised = builder.select(builder.icmp_unsigned(">", codes, splat), codes, splat)
     return builder.select(positive[0], raised, codes)
 
@@ -246,9 +249,7 @@ def prefetch(typingctx, address):
 
     def codegen(context, builder, sig, args):
         i8p = ir.IntType(8).as_pointer()
-        fn_type = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
-        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
-            builder.module, fn_type, "llvm.prefetch.p0")
+        fn = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [i8p, _I32, _I32, _I32])
         ptr = builder.inttoptr(args[0], i8p)
         # read, high temporal locality (keep in all cache levels), data cache
         builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])

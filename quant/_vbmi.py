@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._intrinsics import raise_positive
+from ._intrinsics import _function, _indices, _splat, raise_positive
 
 PATH_ENV = "EIGHTBIT_CPU_PATH"
 _PATHS = ("auto", "portable", "vbmi")
@@ -202,10 +202,6 @@ def _vector(element, n):
     return ir.VectorType(element, n)
 
 
-def _indices(values):
-    return ir.Constant(_vector(_I32, len(values)), [ir.Constant(_I32, v) for v in values])
-
-
 def _unpack(per_lane, high):
     """Shuffle indices of vpunpckl*/vpunpckh* on 512-bit vectors of ``per_lane`` elements per
     128-bit lane: the low (or high) halves of each lane of two vectors, interleaved."""
@@ -220,17 +216,6 @@ def _unpack(per_lane, high):
 # codes[16 * lane + 4 * k + r] <- codes[16 * k + 4 * lane + r]: after the two unpack rounds,
 # vector k holds lane-by-lane the values 16 * k + 4 * lane + r, that is 16k .. 16k + 15 in order.
 _LANE_ORDER = [16 * k + 4 * lane + r for lane in range(4) for k in range(4) for r in range(4)]
-
-
-def _splat(builder, value, n):
-    undef = ir.Constant(_vector(value.type, n), ir.Undefined)
-    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, _indices([0] * n))
-
-
-def _function(builder, name, ret, args):
-    module = builder.module
-    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ret, args), name)
 
 
 def _const_bytes(values):

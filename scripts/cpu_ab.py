@@ -27,13 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.benchmarks.timing import keep_awake, parse_size  # noqa: E402
+
 LAYERS = ("quant", "functional", "optim")
 
 MEASURE = r"""
-import os, statistics, sys, time, torch
+import os, runpy, statistics, sys, time, torch
 import eb_base, eb_head
 numel, rounds = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]))
+interleaved = runpy.run_path(sys.argv[4])["interleaved"]  # tests/benchmarks/timing.py
 gen = torch.Generator().manual_seed(0)
 
 def step_of(cls, **kw):
@@ -60,14 +63,15 @@ ops["copy"] = lambda: dst.copy_(x)
 ops["baseline quantize"] = lambda: eb_base.quant.quantize_blockwise(x)
 ops["this quantize"] = lambda: eb_head.quant.quantize_blockwise(x)
 ops["this quantize (portable)"] = portable(lambda: eb_head.quant.quantize_blockwise(x))
+def timed(fn):
+    def run():
+        start = time.perf_counter(); fn(); return time.perf_counter() - start
+    return run
+
 for fn in ops.values():
     fn(); fn()
-times = {k: [] for k in ops}
-for _ in range(rounds):
-    for k, fn in ops.items():
-        start = time.perf_counter(); fn(); times[k].append(time.perf_counter() - start)
-        time.sleep(0.02)
-med = {k: statistics.median(v) for k, v in times.items()}
+times = interleaved([timed(fn) for fn in ops.values()], [rounds] * len(ops), settle_s=0.02)
+med = {k: statistics.median(v) for k, v in zip(ops, times)}
 fused, copy = med["torch Adam(fused=True)"], med["copy"]
 print(f"{numel:,} fp32 values, {torch.get_num_threads()} threads, median of {rounds} rounds; "
       f"torch Adam(fused=True) {fused * 1e3:.1f} ms, copy {copy * 1e3:.1f} ms")
@@ -88,20 +92,14 @@ def _package(tree: Path, name: str, into: Path) -> None:
         (pkg / layer).symlink_to(tree / layer)
 
 
-def _numel(text: str) -> int:
-    text = text.strip().upper()
-    return int(text[:-1]) * (1 << 20) if text.endswith("M") else int(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(prog="scripts/cpu_ab.py")
     ap.add_argument("--baseline", default="2b6a52b", help="commit to compare with")
-    ap.add_argument("--numel", type=_numel, default=16_000_000)
+    ap.add_argument("--numel", type=parse_size, default=16_000_000)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-keep-awake", dest="keep_awake", action="store_false")
     args = ap.parse_args()
-    from tests.benchmarks.timing import keep_awake
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -115,7 +113,9 @@ def main() -> int:
             env.pop("EIGHTBIT_CPU_PATH", None)
             with keep_awake() if args.keep_awake else contextlib.nullcontext():
                 return subprocess.run([sys.executable, "-c", MEASURE, str(args.numel),
-                                       str(args.rounds), str(args.threads)], env=env).returncode
+                                       str(args.rounds), str(args.threads),
+                                       str(ROOT / "tests" / "benchmarks" / "timing.py")],
+                                      env=env).returncode
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
                            check=False)

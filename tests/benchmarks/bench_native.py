@@ -20,6 +20,7 @@ medians, so load that comes and goes hits all contenders alike. Functions for ``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -30,9 +31,9 @@ import time
 
 import torch
 
-from .contenders import cpu_paths, environ, path_name
+from .contenders import cpu_paths, on_env, path_name
 from .report import cpu_line
-from .timing import interleaved, keep_awake
+from .timing import interleaved, keep_awake, parse_size
 
 M = 1 << 20
 BLOCK = 256
@@ -48,11 +49,6 @@ def _paths() -> list[tuple[str | None, dict[str, str]]]:
     """Each fused CPU path to time, with its environment; one unnamed entry where the kernels do
     not serve CPU tensors."""
     return [(path, dict(env)) for path, env in cpu_paths()] or [(None, {})]
-
-
-def _timed_on(env: dict[str, str], fn) -> float:
-    with environ(env):
-        return _timed(fn)
 
 
 def step_times(numel: int = 16 * M, rounds: int = 15) -> dict[str, float]:
@@ -79,8 +75,8 @@ def step_times(numel: int = 16 * M, rounds: int = 15) -> dict[str, float]:
         p = torch.nn.Parameter(torch.randn(numel, generator=gen))
         p.grad = torch.randn(numel, generator=gen) * 1e-2
         opt = make([p])
-        _timed_on(env, opt.step)  # state creation and kernel compilation are not timed
-        runs.append(lambda opt=opt, env=env: _timed_on(env, opt.step))
+        runs.append(functools.partial(_timed, on_env(env, opt.step)))
+        runs[-1]()  # state creation and kernel compilation are not timed
     times = interleaved(runs, [rounds] * len(runs))
     out = {name: statistics.median(t) for name, t in zip(contenders, times, strict=True)}
     for name in list(contenders)[1:]:
@@ -105,10 +101,10 @@ def quantize_times(numel: int = 16 * M, rounds: int = 25) -> dict[str, float]:
             moved_q)
         ops[path_name("dequantize", path)] = (
             lambda: dequantize_blockwise(q, out=y), env, moved_q + 3 * numel)
-    for op, env, _ in ops.values():
-        _timed_on(env, op)
-    times = interleaved([lambda op=op, env=env: _timed_on(env, op) for op, env, _ in ops.values()],
-                        [rounds] * len(ops))
+    runs = [functools.partial(_timed, on_env(env, op)) for op, env, _ in ops.values()]
+    for run in runs:
+        run()
+    times = interleaved(runs, [rounds] * len(ops))
     out = {name: statistics.median(t) for name, t in zip(ops, times, strict=True)}
     for name, (_, _, moved) in ops.items():
         out[f"{name} GB/s"] = moved / out[name] / 1e9
@@ -171,14 +167,9 @@ def compile_times(items=FIRST_USES) -> dict[str, dict[str, float]]:
     return out
 
 
-def _numel(text: str) -> int:
-    text = text.strip().upper()
-    return int(text[:-1]) * M if text.endswith("M") else int(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_native")
-    ap.add_argument("--numel", type=_numel, default=16 * M)
+    ap.add_argument("--numel", type=parse_size, default=16 * M)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-compile", action="store_true", help="skip the first-use timings")
     ap.add_argument("--no-keep-awake", action="store_true",

@@ -75,6 +75,15 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def on_env(values: dict[str, str], fn):
+    """``fn`` made to run with the environment ``values`` set around each call (:func:`environ`)."""
+    def run():
+        with environ(values):
+            return fn()
+
+    return run
+
+
 def quiet_import(module: str):
     """Import ``module`` with its import-time chatter (warnings, log lines, prints) silenced.
 

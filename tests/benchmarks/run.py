@@ -35,20 +35,11 @@ if __package__ in (None, ""):  # run as a file, python tests/benchmarks/run.py (
 
 from . import bench_native, memory, report, steps, throughput  # noqa: E402
 from .contenders import BASELINE, all_contenders, cpu_paths, select  # noqa: E402
-from .timing import keep_awake  # noqa: E402
+from .timing import keep_awake, parse_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 MIN_STEPS = 20  # the median is over at least this many steps unless the cell says otherwise
-
-
-def _size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-    value = int(text[:-1] if scale > 1 else text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return value * scale
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="a one-minute look: 1M and 16M parameters, fewer steps, no memory "
                          "subprocesses, nothing written")
-    ap.add_argument("--sizes", type=lambda s: [_size(x) for x in s.split(",")],
+    ap.add_argument("--sizes", type=lambda s: [parse_size(x) for x in s.split(",")],
                     help="parameter counts, e.g. 1M,16M,64M (default; quick: 1M,16M)")
     ap.add_argument("--layouts", type=lambda s: [int(x) for x in s.split(",")],
                     help="number of equal tensors the parameters are cut into (default 1,64)")
@@ -71,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "before the step count drops below --reps (default 10; quick 2)")
     ap.add_argument("--max-step-s", type=float, help="a contender whose step takes longer is not "
                     "timed at that size (default 5; quick 1.5)")
-    ap.add_argument("--memory-size", type=_size, default=16 << 20,
+    ap.add_argument("--memory-size", type=parse_size, default=16 << 20,
                     help="parameters for the state and peak-memory table (default 16M)")
-    ap.add_argument("--throughput-size", type=_size,
+    ap.add_argument("--throughput-size", type=parse_size,
                     help="fp32 values for the quantize / dequantize throughput (default 16M; "
                          "quick 4M)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .contenders import cpu_paths, environ, path_name, quiet_import
+from .contenders import cpu_paths, on_env, path_name, quiet_import
 from .timing import interleaved, reps_for
 
 BLOCK = 256
@@ -44,15 +44,6 @@ class _Op:
     roundtrip: Callable[[], torch.Tensor] | None = None
 
 
-def _on_path(env: dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with ``env`` set around each call (restored after, even on error)."""
-    def run():
-        with environ(env):
-            return fn()
-
-    return run
-
-
 def _eightbit_ops(x: torch.Tensor, n: int, qbytes: int) -> list[_Op]:
     """quantize and dequantize on each fused CPU path (contenders.cpu_paths), named by it."""
     from eightbit.quant import dequantize_blockwise, num_blocks, quantize_blockwise
@@ -65,11 +56,11 @@ def _eightbit_ops(x: torch.Tensor, n: int, qbytes: int) -> list[_Op]:
     for path, env in cpu_paths() or [(None, ())]:
         env = dict(env)
         ops += [
-            _Op(path_name("eightbit quantize_blockwise", path), _on_path(env, lambda: (
+            _Op(path_name("eightbit quantize_blockwise", path), on_env(env, lambda: (
                 quantize_blockwise(x, block_size=BLOCK, out=(codes, absmax)))), 4 * n + qbytes,
-                _on_path(env, lambda: quantize_blockwise(x, block_size=BLOCK).dequantize())),
+                on_env(env, lambda: quantize_blockwise(x, block_size=BLOCK).dequantize())),
             _Op(path_name("eightbit dequantize_blockwise", path),
-                _on_path(env, lambda: dequantize_blockwise(q, out=y)), qbytes + 4 * n),
+                on_env(env, lambda: dequantize_blockwise(q, out=y)), qbytes + 4 * n),
         ]
     return ops
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import subprocess
@@ -35,6 +36,16 @@ def keep_awake(enabled: bool = True):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def parse_size(text: str) -> int:
+    """A positive element count from the command line: ``4096``, ``64K``, ``16M``."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    value = int(text[:-1] if scale > 1 else text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return value * scale
 
 
 def reps_for(predicted_s: float, *, reps: int, min_reps: int, budget_s: float) -> int:
