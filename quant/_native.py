@@ -9,7 +9,8 @@ imported before the first CPU call, so ``import eightbit`` stays fast.
 
 Both paths compute the same function: identical codes and absmax (see
 :mod:`eightbit.quant.blockwise`). Kernels run in parallel over blocks with
-``torch.get_num_threads()`` threads (at most one per :data:`GRAIN` elements; :func:`run_parts`).
+``torch.get_num_threads()`` threads, torch's own OpenMP team where it can be called (at most
+one per :data:`GRAIN` elements; :func:`run_parts`).
 Compiled kernels are cached on disk by numba (``cache=True``; :func:`cache_dir`): the first
 call of a kernel signature in a fresh cache compiles it (docs/cpu-kernels.md has the figures),
 later processes load it.
@@ -17,6 +18,7 @@ later processes load it.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.metadata
 import os
@@ -115,8 +117,12 @@ def describe() -> str:
         search = _vbmi.describe()
     except ValueError as error:
         search = f"invalid setting: {error}"
-    return (f"numba {numba.__version__} (fused, up to {threads()} threads, codebook search: "
-            f"{search}, cache: {cache_dir()})")
+    try:
+        on = team().why
+    except (ValueError, RuntimeError) as error:
+        on = f"invalid setting: {error}"
+    return (f"numba {numba.__version__} (fused, up to {threads()} threads: {on}, codebook "
+            f"search: {search}, cache: {cache_dir()})")
 
 
 def threads() -> int:
@@ -138,39 +144,126 @@ SPLIT = 4
 
 
 def run_parts(kernel, count: int, *args) -> None:
-    """``kernel(part, count, *args)`` for every part, on this thread and a pool of Python
-    threads (``torch.get_num_threads()`` in all; the kernels are ``nogil``, so they run in
-    parallel), each thread taking the next part when it finishes one.
+    """``kernel(part, count, *args)`` for every part, on ``torch.get_num_threads()`` threads
+    (the kernels are ``nogil``, so they run in parallel), each thread taking the next part when
+    it finishes one. An exception in a part is raised here once every thread has stopped.
 
-    Python threads rather than ``@njit(parallel=True)``: no parallel driver to compile on first
-    use, no numba threading layer (the kernels stay usable in a forked child), and the thread
-    count follows ``torch.set_num_threads``. Results do not depend on the split: every block is
-    computed the same way whichever part holds it.
+    The threads are torch's own OpenMP team where torch runs its CPU ops on an OpenMP runtime
+    that can be called (:func:`team`), else a pool of Python threads. Why torch's team: a step
+    follows torch ops (the backward pass), after which torch's OpenMP workers keep spinning for
+    a while; threads of our own would share the cores with them, while the team's workers take
+    our parts at once. Results do not depend on the threads: every block is computed the same
+    way whichever part holds it.
+
+    Example:
+        >>> run_parts(lambda part, count, out: out.append(part), 4, [])  # doctest: +SKIP
     """
     workers = min(threads(), count)
     if workers == 1:
         for part in range(count):
             kernel(part, count, *args)
         return
-    lock, parts_left = threading.Lock(), iter(range(count))
+    lock, parts_left, errors = threading.Lock(), iter(range(count)), []
 
     def work():
-        while True:
-            with lock:
-                part = next(parts_left, None)
-            if part is None:
-                return
-            kernel(part, count, *args)
+        try:
+            while not errors:
+                with lock:
+                    part = next(parts_left, None)
+                if part is None:
+                    return
+                kernel(part, count, *args)
+        except BaseException as error:  # raised in the caller's thread, after the others stop
+            errors.append(error)
 
-    pool = _pool(workers - 1)
-    others = [pool.submit(work) for _ in range(workers - 1)]
-    try:
+    parallel = team()
+    if parallel.run is not None:
+        # one ctypes callback per call: each team thread takes the GIL to enter it, and the
+        # kernel releases it while it computes
+        parallel.run(_TEAM_FUNCTION(lambda _data: work()), None, workers, 0)
+    else:
+        pool = _pool(workers - 1)
+        others = [pool.submit(work) for _ in range(workers - 1)]
         work()
-    finally:
         for future in others:  # wait for all before the caller may free what they write
-            future.exception()
-    for future in others:
-        future.result()
+            future.result()
+    if errors:
+        raise errors[0]
+
+
+THREADS_ENV = "EIGHTBIT_CPU_THREADS"
+_TEAM_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+# the process that imported this module: a child forked from it gets Python threads, since
+# libgomp's team does not survive a fork (torch's own parallel ops hang in such a child)
+_IMPORTED_BY = os.getpid()
+
+
+class Team(NamedTuple):
+    """How :func:`run_parts` gets its threads: ``run`` is the OpenMP runtime's
+    ``GOMP_parallel(function, data, threads, flags)`` (libgomp's ABI, which LLVM's libomp and
+    Intel's libiomp5 also export), or ``None`` for Python threads; ``why`` says which, in
+    words."""
+
+    run: object
+    why: str
+
+
+def team() -> Team:
+    """The threads :func:`run_parts` uses in this process (``EIGHTBIT_CPU_THREADS=python``
+    forces Python threads; ``=openmp`` makes a missing OpenMP runtime an error)."""
+    choice = os.environ.get(THREADS_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "openmp", "python"):
+        raise ValueError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r} is not one of auto, "
+                         f"openmp, python; unset it for the default ('auto')")
+    if choice == "python":
+        return Team(None, f"Python threads ({THREADS_ENV}=python)")
+    found = _openmp_team() if os.getpid() == _IMPORTED_BY else Team(
+        None, "Python threads (a forked process: OpenMP teams do not survive a fork)")
+    if found.run is None and choice == "openmp":
+        raise RuntimeError(f"{THREADS_ENV}=openmp but {found.why.removeprefix('Python threads ')}"
+                           f"; unset it to use Python threads")
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_team() -> Team:
+    """torch's OpenMP runtime, if torch runs its CPU ops on one that is loaded and exports
+    ``GOMP_parallel``. Only an already loaded runtime is used (``RTLD_NOLOAD``), so a second
+    one is never brought into the process."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return Team(None, "Python threads (torch's parallel backend is not OpenMP)")
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:
+        return Team(None, "Python threads (this platform cannot look up a loaded library)")
+    for path in _openmp_libraries():
+        try:
+            library = ctypes.CDLL(path, mode=noload)
+        except OSError:  # not loaded in this process
+            continue
+        run = getattr(library, "GOMP_parallel", None)
+        if run is not None:
+            run.argtypes = [_TEAM_FUNCTION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            run.restype = None
+            return Team(run, f"torch's OpenMP threads ({os.path.basename(path)})")
+    return Team(None, "Python threads (no loaded OpenMP runtime exports GOMP_parallel)")
+
+
+def _openmp_libraries() -> list[str]:
+    """Paths of OpenMP runtimes that may be loaded: those in torch's lib folder first (the one
+    torch links), then any other this process mapped (Linux)."""
+    import glob
+
+    names = ("libgomp", "libomp", "libiomp5")
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    found = sorted(p for name in names for p in glob.glob(os.path.join(torch_lib, f"{name}*")))
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = {line.split(maxsplit=5)[-1].strip() for line in maps if "/" in line}
+    except OSError:
+        mapped = set()
+    found += sorted(p for p in mapped if os.path.basename(p).startswith(names)
+                    and p not in found)
+    return found
 
 
 def _pool(workers: int):

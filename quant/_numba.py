@@ -3,9 +3,9 @@ optimizer driver of ``eightbit.functional._numba`` shares.
 
 Imported by :mod:`eightbit.quant._native` on the first CPU call, never by ``import eightbit``.
 Shape of every kernel: a serial ``@njit(cache=True, nogil=True)`` function does part ``part`` of
-``parts`` of the blocks (:func:`part_blocks`); ``_native.run_parts`` runs the parts on Python
-threads (the kernels release the GIL). No fast-math: division, sqrt and rounding are IEEE fp32,
-as in the torch path, the oracle these kernels are tested against.
+``parts`` of the blocks (:func:`part_blocks`); ``_native.run_parts`` runs the parts on torch's
+OpenMP threads or Python threads (the kernels release the GIL). No fast-math: division, sqrt
+and rounding are IEEE fp32, as in the torch path, the oracle these kernels are tested against.
 
 Two search paths find nearest codes: the portable one below (:func:`nearest_code`), and, where
 the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`; each kernel chooses with one

@@ -231,21 +231,46 @@ def test_parts_follow_torch_threads_blocks_and_grain(torch_threads, threads, blo
     assert _native.parts(blocks, elements) == parts
 
 
+def test_parts_run_on_torchs_openmp_team_where_torch_uses_openmp():
+    # Linux and macOS wheels of torch run their CPU ops on a bundled OpenMP runtime
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch does not run its CPU ops on OpenMP")
+    assert _native.team().run is not None, _native.team().why
+    assert _native.team().why.startswith("torch's OpenMP threads")
+
+
+@pytest.mark.parametrize("choice, why", [("python", "Python threads (EIGHTBIT_CPU_THREADS=python)"),
+                                         ("openmp", "torch's OpenMP threads")])
+def test_threads_setting(monkeypatch, choice, why):
+    if choice == "openmp" and _native.team().run is None:
+        pytest.skip("no OpenMP runtime here")
+    monkeypatch.setenv("EIGHTBIT_CPU_THREADS", choice)
+    assert _native.team().why.startswith(why)
+    monkeypatch.setenv("EIGHTBIT_CPU_THREADS", "pthreads")
+    with pytest.raises(ValueError, match="EIGHTBIT_CPU_THREADS='pthreads' is not one of auto, "
+                                         "openmp, python"):
+        _native.team()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_run_parts_runs_every_part_once_and_raises_a_parts_error(torch_threads, threads):
+@pytest.mark.parametrize("choice", ["auto", "python"])
+def test_run_parts_runs_every_part_once_and_raises_a_parts_error(torch_threads, monkeypatch,
+                                                                 threads, choice):
+    monkeypatch.setenv("EIGHTBIT_CPU_THREADS", choice)
     torch_threads(threads)
     seen = []
     lock = threading.Lock()
 
     def kernel(part, count, out):
-        time.sleep(0.001 * (part % 3))  # uneven parts: threads take different numbers of them
+        time.sleep(0.002 * (1 + part % 3))  # uneven parts: threads take different numbers
         with lock:
             out.append((part, count, threading.get_ident()))
 
     _native.run_parts(kernel, 12, seen)
     assert sorted(p for p, _, _ in seen) == list(range(12))
     assert {c for _, c, _ in seen} == {12}
-    assert len({t for _, _, t in seen}) <= threads
+    # uneven parts, taken as threads finish: every thread takes some
+    assert len({t for _, _, t in seen}) == threads
 
     def failing(part, count):
         if part == 7:
@@ -280,30 +305,36 @@ def _run(code: str, env: dict) -> str:
 
 
 def test_a_process_forked_after_the_kernels_ran_uses_them_too():
-    # a DataLoader worker, say: the parent's compiled kernels and a fresh thread pool serve it
+    # a DataLoader worker, say: the parent's compiled kernels serve it, on Python threads (the
+    # parent's kernels ran on torch's OpenMP team, which does not survive a fork). The child
+    # compares nothing with torch ops: after the parent used its OpenMP team, torch's own
+    # multi-threaded ops hang in a forked child (libgomp), with or without eightbit.
     out = _run(
         """
         import multiprocessing, torch
-        from eightbit.quant import _native, _torch, get_codebook, quantize_blockwise
+        from eightbit.quant import _native, quantize_blockwise
         x = torch.randn(300000)
-        parent = quantize_blockwise(x).codes
+        parent = quantize_blockwise(x).codes.numpy()
 
         def child(queue):
             torch.set_num_threads(2)
-            queue.put((_native.kernels() is not None,
-                       torch.equal(quantize_blockwise(x).codes, parent)))
+            queue.put((_native.kernels() is not None, _native.team().why,
+                       quantize_blockwise(x).codes.numpy()))
 
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
         process = context.Process(target=child, args=(queue,))
         process.start()
-        print(*queue.get(timeout=60))
+        served, why, codes = queue.get(timeout=60)
         process.join()
-        print(process.exitcode)
+        print(served, (codes == parent).all(), process.exitcode)
+        print(why)
         """,
         {},
     )
-    assert out.split() == ["True", "True", "0"]
+    lines = out.splitlines()
+    assert lines[0].split() == ["True", "True", "0"]
+    assert lines[1].startswith("Python threads (a forked process")
 
 
 def test_import_eightbit_does_not_import_numba():
