@@ -97,6 +97,86 @@ def carry_code(typingctx, entry, low):
     return types.uint8(entry, low), codegen
 
 
+# fp16 / bf16 bit patterns <-> fp32, in 32-bit integer IR. Why not LLVM's half and bfloat
+# types: without F16C or AVX-512 BF16 LLVM lowers their conversions to libgcc calls
+# (__extendhfsf2, __truncsfbf2) that older toolchains lack; and as numba functions these two
+# were a third of a half-precision kernel's compile time. ``fmt`` is the format flag of
+# ``_numba`` (2: bf16, else fp16), a runtime value: both conversions are computed, one selected.
+_BF16 = 2
+
+
+def _u32(builder, value):
+    width = value.type.width
+    return builder.trunc(value, _I32) if width > 32 else builder.zext(value, _I32) \
+        if width < 32 else value
+
+
+def _is_bf16(builder, fmt):
+    return builder.icmp_unsigned("==", _u32(builder, fmt), ir.Constant(_I32, _BF16))
+
+
+@intrinsic
+def half_to_f32(typingctx, h, fmt):
+    """fp16 or bf16 bits (the low 16 bits of ``h``) to fp32, exactly: subnormals, inf and NaN
+    included."""
+    if not (isinstance(h, types.Integer) and isinstance(fmt, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def c(v):
+            return ir.Constant(_I32, v)
+
+        b = builder
+        bits = b.and_(_u32(b, args[0]), c(0xFFFF))
+        sign = b.shl(b.and_(bits, c(0x8000)), c(16))
+        em = b.and_(bits, c(0x7FFF))
+        shifted = b.shl(em, c(13))
+        # fp16: exponent and mantissa moved into fp32 position, then rebiased by 2^112 with one
+        # exact multiply (subnormals included); inf and NaN keep an all-ones exponent
+        scaled = b.bitcast(b.fmul(b.bitcast(shifted, ir.FloatType()),
+                                  ir.Constant(ir.FloatType(), 5.192296858534828e33)), _I32)
+        special = b.or_(shifted, c(0x7F800000))
+        f16 = b.or_(sign, b.select(b.icmp_unsigned(">=", em, c(0x7C00)), special, scaled))
+        bf16 = b.shl(bits, c(16))
+        return b.bitcast(b.select(_is_bf16(b, args[1]), bf16, f16), ir.FloatType())
+
+    return types.float32(h, fmt), codegen
+
+
+@intrinsic
+def f32_to_half(typingctx, f, fmt):
+    """fp32 to fp16 or bf16 bits (uint32), round to nearest even as torch converts; NaN gives
+    torch's NaN (bf16 0x7FC0; fp16 0x7E00 with the sign), overflow gives inf."""
+    if not (f == types.float32 and isinstance(fmt, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def c(v):
+            return ir.Constant(_I32, v)
+
+        def rne(b, x, drop):  # x >> drop, rounded to nearest even
+            odd = b.and_(b.lshr(x, c(drop)), c(1))
+            return b.lshr(b.add(b.add(x, c((1 << (drop - 1)) - 1)), odd), c(drop))
+
+        b = builder
+        u = b.bitcast(args[0], _I32)
+        a = b.and_(u, c(0x7FFFFFFF))
+        nan = b.icmp_unsigned(">", a, c(0x7F800000))
+        bf16 = b.select(nan, c(0x7FC0), rne(b, u, 16))
+        # fp16 normal range: rebias the exponent (127 - 15 = 112), round 13 mantissa bits away
+        normal = rne(b, b.sub(a, c(0x38000000)), 13)
+        # fp16 subnormals: + 0.5 puts |f| on the fp32 grid of step 2^-24, and the FPU rounds
+        half = b.fadd(b.bitcast(a, ir.FloatType()), ir.Constant(ir.FloatType(), 0.5))
+        sub = b.sub(b.bitcast(half, _I32), c(0x3F000000))
+        f16 = b.select(b.icmp_unsigned("<", a, c(0x38800000)), sub, normal)
+        f16 = b.select(b.icmp_unsigned(">=", a, c(0x477FF000)), c(0x7C00), f16)
+        f16 = b.select(nan, c(0x7E00), f16)
+        f16 = b.or_(b.and_(b.lshr(u, c(16)), c(0x8000)), f16)
+        return b.select(_is_bf16(b, args[1]), bf16, f16)
+
+    return types.uint32(f, fmt), codegen
+
+
 @intrinsic
 def pointer(typingctx, address, like):
     """A typed pointer to integer ``address``, of dtype ``like`` (a numpy scalar type such as

@@ -30,6 +30,8 @@ from ._intrinsics import (  # noqa: E402
     carry_code,
     decode16,
     f32_bits,
+    f32_to_half,
+    half_to_f32,
     nearest_codes16,
     pointer,
     prefetch,
@@ -49,44 +51,11 @@ inline = njit(inline="always", cache=True, error_model="numpy")
 block_helper = njit(cache=True, nogil=True, error_model="numpy")
 
 
-@inline
-def half_to_f32(h, fmt):
-    """fp16 (``fmt == F16``) or bf16 bits to fp32, exactly (subnormals, inf and NaN included)."""
-    h = uint32(h) & uint32(0xFFFF)
-    sign = (h & uint32(0x8000)) << uint32(16)
-    em = h & uint32(0x7FFF)
-    # fp16: the exponent and mantissa shifted into fp32 position and scaled by 2^112 rebias
-    # exactly, subnormals included; inf/NaN keep an all-ones exponent.
-    scaled = f32_bits(bits_f32(em << uint32(13)) * np.float32(5.192296858534828e33))
-    f16 = sign | (uint32(0x7F800000) | (em << uint32(13)) if em >= uint32(0x7C00) else scaled)
-    return bits_f32(h << uint32(16) if fmt == BF16 else f16)
-
-
-@inline
-def f32_to_half(f, fmt):
-    """fp32 to fp16 or bf16 bits, round to nearest even (torch's conversion; NaN stays NaN)."""
-    u = f32_bits(f)
-    bf16 = uint32(0x7FC0) if (u & uint32(0x7FFFFFFF)) > uint32(0x7F800000) else (
-        (u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))) >> uint32(16)
-    )
-    sign = (u >> uint32(16)) & uint32(0x8000)
-    a = u & uint32(0x7FFFFFFF)
-    # fp16 normal range: rebias the exponent (127 - 15 = 112), round 13 mantissa bits away
-    r = a - uint32(0x38000000)
-    normal = (r + uint32(0xFFF) + ((r >> uint32(13)) & uint32(1))) >> uint32(13)
-    # fp16 subnormals: + 0.5 puts |f| on the fp32 grid of step 2^-24, and the FPU rounds
-    sub = f32_bits(bits_f32(a) + np.float32(0.5)) - uint32(0x3F000000)
-    f16 = sub if a < uint32(0x38800000) else normal
-    f16 = uint32(0x7C00) if a >= uint32(0x477FF000) else f16
-    f16 = sign | (uint32(0x7E00) if a > uint32(0x7F800000) else f16)
-    return uint32(bf16 if fmt == BF16 else f16)
-
-
 def load(x, i, fmt):
     """``x[i]`` as fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
 
 
-@overload(load)
+@overload(load, inline="always")
 def _load(x, i, fmt):
     if x.dtype == types.float32:
         return lambda x, i, fmt: x[i]
@@ -97,7 +66,7 @@ def store(x, i, value, fmt):
     """``x[i] = value`` from fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
 
 
-@overload(store)
+@overload(store, inline="always")
 def _store(x, i, value, fmt):
     if x.dtype == types.float32:
 
