@@ -20,33 +20,21 @@ import functools
 import os
 
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._intrinsics import _function, _indices, _splat, raise_positive
+from ._intrinsics import _function, _indices, _splat, compiled_features, raise_positive
 
 PATH_ENV = "EIGHTBIT_CPU_PATH"
 _PATHS = ("auto", "portable", "vbmi")
 _NEEDED = ("avx512f", "avx512bw", "avx512vbmi")
 
 
-def _features() -> set[str]:
-    """The CPU features numba compiles for: ``NUMBA_CPU_FEATURES`` if set; none known when
-    ``NUMBA_CPU_NAME`` names another CPU; else the host's (llvmlite's public query)."""
-    given = os.environ.get("NUMBA_CPU_FEATURES", "").strip()
-    if given:
-        return {f[1:] for f in given.split(",") if f.startswith("+")}
-    if os.environ.get("NUMBA_CPU_NAME", "host").strip() not in ("", "host"):
-        return set()
-    return {name for name, on in llvm_binding.get_host_cpu_features().items() if on}
-
-
 @functools.cache
 def compiled_with_vbmi() -> bool:
     """Whether the code numba generates in this process may use AVX-512 VBMI."""
-    return all(f in _features() for f in _NEEDED)
+    return all(f in compiled_features() for f in _NEEDED)
 
 
 def path_choice() -> str:

@@ -597,16 +597,24 @@ _FALLBACK = """
             p.grad = torch.randn(5000, generator=gen)
             opt.step()
         out[cls.__name__] = (p.detach(), {k: v for k, v in opt.state[p].items()})
+    # the portable search's code, compiled apart (the kernels' cached code cannot be inspected)
+    from numba import njit, types
+    from eightbit.quant._intrinsics import nearest_codes16
+    probe = njit(lambda x, s, t, c, f: nearest_codes16(x, s, t, c, f))
+    i64 = types.int64
+    probe.compile((i64, types.float32, i64, i64, types.uint8))
+    out["asm"] = probe.inspect_asm(probe.signatures[0])
     torch.save(out, sys.argv[1])
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU names")
-def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
+def test_avx2_code_gathers_and_gets_the_same_numbers(tmp_path):
     # numba compiles for the CPU that NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name (an AVX2 one
-    # here), and keys its cache by it: the child takes dequantize_run's fallback. Its results
-    # must be bit-identical to this process's (VBMI where the host has it) for the same inputs.
+    # here), and keys its cache by it: the child takes the portable path, with AVX2's gathers
+    # spelled out (LLVM would scalarize llvm.masked.gather for haswell). Its results must be
+    # bit-identical to this process's (VBMI where the host has it) for the same inputs.
     result = tmp_path / "fallback.pt"
     env = {"NUMBA_CPU_NAME": "haswell",
            "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2",
@@ -616,6 +624,7 @@ def test_cpus_without_vbmi_get_the_same_numbers_from_scalar_lookups(tmp_path):
                    env={**os.environ, **env}, check=True, timeout=600)
     theirs = torch.load(result, weights_only=True)
     assert "portable" in theirs["describe"]
+    assert "vpgatherdd" in theirs["asm"] and "zmm" not in theirs["asm"]
     local = tmp_path / "local.pt"
     subprocess.run([sys.executable, "-c", textwrap.dedent(_FALLBACK.replace(
         '    assert not _vbmi.compiled_with_vbmi(), "no override"\n',
