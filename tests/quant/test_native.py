@@ -295,6 +295,31 @@ def test_every_part_split_gives_the_same_codes(torch_threads, threads):
     assert torch.equal(ours, theirs)
 
 
+def test_python_threads_quantizing_at_once_each_get_their_own_team(torch_threads):
+    # each calling thread is the master of its own OpenMP team (or pool): four threads that
+    # quantize at the same time get the codes one thread gets alone
+    torch_threads(2)
+    codebook = create_codebook("dynamic", signed=True)
+    inputs = [torch.randn(300_000, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    alone = [both(x, codebook)[1] for x in inputs]
+    results = [None] * 4
+
+    def quantize(k):
+        for _ in range(5):
+            codes, absmax = torch.empty(300_000, dtype=torch.uint8), torch.empty(1172)
+            _native.quantize(inputs[k], codes, absmax, codebook, 256)
+        results[k] = codes, absmax
+
+    threads = [threading.Thread(target=quantize, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for (codes, absmax), (want_codes, want_absmax) in zip(results, alone, strict=True):
+        assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax)
+
+
 def _run(code: str, env: dict) -> str:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
