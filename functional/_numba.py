@@ -39,7 +39,6 @@ from ..quant._numba import (
     load,
     part_blocks,
     part_kernel,
-    prefetch_next,
     store,
     view,
 )
@@ -60,11 +59,13 @@ class AdamHyper(NamedTuple):
     one_minus_beta2: F32
     eps: F32
     amsgrad = False
+    slots = (True, True, False)  # the state slots the variant's rule uses: m, v, max of v
 
 
 class AMSGradHyper(AdamHyper):
     __slots__ = ()
     amsgrad = True
+    slots = (True, True, True)
 
 
 class RMSpropHyper(NamedTuple):
@@ -76,21 +77,25 @@ class RMSpropHyper(NamedTuple):
     neg_lr: F32
     use_momentum = False
     centered = False
+    slots = (True, False, False)  # square_avg, momentum_buffer, grad_avg
 
 
 class MomentumRMSpropHyper(RMSpropHyper):
     __slots__ = ()
     use_momentum = True
+    slots = (True, True, False)
 
 
 class CenteredRMSpropHyper(RMSpropHyper):
     __slots__ = ()
     centered = True
+    slots = (True, False, True)
 
 
 class CenteredMomentumRMSpropHyper(RMSpropHyper):
     __slots__ = ()
     use_momentum = centered = True
+    slots = (True, True, True)
 
 
 class LionHyper(NamedTuple):
@@ -100,6 +105,7 @@ class LionHyper(NamedTuple):
     beta2: F32
     one_minus_beta2: F32
     neg_lr: F32
+    slots = (True, False, False)  # m
 
 
 class SGDHyper(NamedTuple):
@@ -109,21 +115,25 @@ class SGDHyper(NamedTuple):
     neg_lr: F32
     use_momentum = False
     nesterov = False
+    slots = (False, False, False)  # momentum_buffer
 
 
 class MomentumSGDHyper(SGDHyper):
     __slots__ = ()
     use_momentum = True
+    slots = (True, False, False)
 
 
 class NesterovSGDHyper(SGDHyper):
     __slots__ = ()
     use_momentum = nesterov = True
+    slots = (True, False, False)
 
 
 class AdagradHyper(NamedTuple):
     l2: F32
     eps: F32
+    slots = (True, False, False)  # sum
 
 
 def variant(record: type, **flags: bool) -> type:
@@ -247,6 +257,20 @@ def _rule(h, p, g, s0, s1, s2, e0, e1):
     return None
 
 
+def slots(h):
+    """Which of the three state slots ``h``'s rule uses (the class's ``slots``): constants in
+    the compiled loop, so a slot the variant does not use costs no load or store."""
+
+
+@overload(slots, inline="always")
+def _slots(h):
+    used = getattr(getattr(h, "instance_class", None), "slots", None)
+    if used is None:
+        return None
+    first, second, third = used
+    return lambda h: (first, second, third)
+
+
 def store_param(p, i, value, fmt, seed):
     """Write a parameter element; ``seed != 0`` rounds a bf16 parameter stochastically.
 
@@ -294,6 +318,31 @@ def locate(b, tensor, block_starts):
     return tensor
 
 
+@inline
+def restart_nonfinite(h, s0, s1, s2, n):
+    """Issue 17's rule (a) on a block's fresh states ``s0..s2[:n]`` (the slots ``h`` uses): an
+    element with a state that is not finite restarts at 0 in all of them. Returns the states'
+    max :func:`abs_bits` after it. A pass of its own, taken only when a block's max says so,
+    costs nothing in the common case (in the element loop it cost a tenth of a step)."""
+    used0, used1, used2 = slots(h)
+    mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+    for j in range(n):
+        a = s0[j] if used0 else ZERO
+        c = s1[j] if used1 else ZERO
+        d = s2[j] if used2 else ZERO
+        if (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (abs_bits(d) >= INF_BITS):
+            a, c, d = ZERO, ZERO, ZERO
+            if used0:
+                s0[j] = a
+            if used1:
+                s1[j] = c
+            if used2:
+                s2[j] = d
+        mag0, mag1, mag2 = umax(mag0, abs_bits(a)), umax(mag1, abs_bits(c)), umax(
+            mag2, abs_bits(d))
+    return mag0, mag1, mag2
+
+
 @part_kernel
 def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like,
                 p_fmt, g_like, g_fmt, codebooks, tables, planes, searches, zero_codes,
@@ -311,6 +360,7 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
     codebooks_at, tables_at = address(codebooks), address(tables)
     planes_at, searches_at = address(planes), address(searches)
     first, last = part_blocks(part, parts, block_starts[-1])
+    used0, used1, used2 = slots(h)
     t = np.int64(0)
     for b in range(first, last):
         t = locate(b, t, block_starts)
@@ -319,11 +369,8 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
         p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
         e0, e1, seed, lb = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED], b - block_starts[t]
         start, end = block_range(lb, block_size, n)
-        prefetch_next(tensors[t, P], p.itemsize, start, end)
-        prefetch_next(tensors[t, G], g.itemsize, start, end)
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
-                prefetch_next(tensors[t, STATES + 2 * k], 1, start, end)
                 absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
                 decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
                              planes_at + planes.shape[1] * k if planes_at != 0 else 0,
@@ -331,16 +378,21 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
         mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
             j = i - start
-            pi, a, c, d = rule(h, load(p, i, p_fmt), load(g, i, g_fmt) * g_sign, s0[j], s1[j],
-                               s2[j], e0, e1)
+            pi, a, c, d = rule(h, load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
+                               s0[j] if used0 else ZERO, s1[j] if used1 else ZERO,
+                               s2[j] if used2 else ZERO, e0, e1)
             store_param(p, i, pi, p_fmt, seed)
-            # issue 17 (a): a non-finite fresh state restarts all states of its element at 0
-            bad = (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (
-                abs_bits(d) >= INF_BITS)
-            a, c, d = (ZERO if bad else a), (ZERO if bad else c), (ZERO if bad else d)
-            s0[j], s1[j], s2[j] = a, c, d
+            # (the streams of unused slots cost a sixth of an Adam8bit step)
+            if used0:
+                s0[j] = a
+            if used1:
+                s1[j] = c
+            if used2:
+                s2[j] = d
             mag0, mag1, mag2 = umax(mag0, abs_bits(a)), umax(mag1, abs_bits(c)), umax(
                 mag2, abs_bits(d))
+        if umax(umax(mag0, mag1), mag2) >= INF_BITS:  # a fresh state is not finite: rare
+            mag0, mag1, mag2 = restart_nonfinite(h, s0, s1, s2, end - start)
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
                 mag = mag0 if k == 0 else mag1 if k == 1 else mag2
