@@ -13,6 +13,10 @@ followed by a 20 ms pause outside the timings: OpenMP workers (torch's, and the 
 threading layer) spin for a while after a parallel region, and would otherwise slow whatever runs
 next; and ``tests.benchmarks.timing.keep_awake`` keeps idle vCPUs from sleeping, as in
 ``make bench``.
+
+Check a machine with an A/A run first (``--baseline`` = this checkout's own commit): on an AMD
+EPYC VM the two copies of identical code differed by up to a third (docs/cpu-kernels.md); where
+they do, compare separate processes alternated instead.
 """
 
 from __future__ import annotations
