@@ -331,15 +331,10 @@ def restart_nonfinite(h, s0, s1, s2, n):
         c = s1[j] if used1 else ZERO
         d = s2[j] if used2 else ZERO
         if (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (abs_bits(d) >= INF_BITS):
-            a, c, d = ZERO, ZERO, ZERO
-            if used0:
-                s0[j] = a
-            if used1:
-                s1[j] = c
-            if used2:
-                s2[j] = d
-        mag0, mag1, mag2 = umax(mag0, abs_bits(a)), umax(mag1, abs_bits(c)), umax(
-            mag2, abs_bits(d))
+            s0[j] = s1[j] = s2[j] = ZERO  # (an unused slot's scratch is never encoded)
+        else:
+            mag0, mag1, mag2 = umax(mag0, abs_bits(a)), umax(mag1, abs_bits(c)), umax(
+                mag2, abs_bits(d))
     return mag0, mag1, mag2
 
 
