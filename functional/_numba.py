@@ -25,12 +25,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import types, uint32, uint64
+from numba import uint32
 from numba.extending import overload
 
-from ..quant._intrinsics import abs_bits, f32_bits, fma, umax
+from ..quant._intrinsics import abs_bits, fma, stochastic_bf16, umax
 from ..quant._numba import (
-    BF16,
     address,
     block_range,
     decode_block,
@@ -271,36 +270,14 @@ def _slots(h):
     return lambda h: (first, second, third)
 
 
+@inline
 def store_param(p, i, value, fmt, seed):
-    """Write a parameter element; ``seed != 0`` rounds a bf16 parameter stochastically.
-
-    Stochastic rounding adds 16 random bits below bf16's last bit and truncates (as
-    ``functional._chunked.stochastic_round_to_bf16``). The bits come from a counter-based hash
-    of ``(seed, i)`` (SplitMix64's finalizer; Steele, Lea & Flood, OOPSLA 2014), so the result
-    does not depend on how blocks are spread over threads.
-    """
-
-
-@overload(store_param, inline="always")
-def _store_param(p, i, value, fmt, seed):
-    if p.dtype == types.float32:
-
-        def plain(p, i, value, fmt, seed):
-            p[i] = value
-
-        return plain
-
-    def impl(p, i, value, fmt, seed):
-        if seed != 0 and fmt == BF16:
-            z = uint64(seed) + uint64(i) * uint64(0x9E3779B97F4A7C15)
-            z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
-            noise = uint32((z ^ (z >> uint64(31))) & uint64(0xFFFF))
-            p[i] = np.uint16((f32_bits(value) + noise) >> uint32(16))
-        else:
-            store(p, i, value, fmt)
-
-    return impl
+    """Write a parameter element; ``seed != 0`` (given only for bf16 parameters:
+    ``functional._native._seed``) rounds it stochastically (:func:`stochastic_bf16`)."""
+    if seed != 0:
+        p[i] = stochastic_bf16(value, seed, i)
+    else:
+        store(p, i, value, fmt)
 
 
 # The tensor table: one int64 row per parameter; state k's codes and absmax addresses at

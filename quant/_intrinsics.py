@@ -180,6 +180,36 @@ def f32_to_half(typingctx, f, fmt):
 
 
 @intrinsic
+def stochastic_bf16(typingctx, value, seed, i):
+    """fp32 ``value`` rounded stochastically to bf16 bits (uint16): 16 random bits added below
+    bf16's last bit, then truncated (as ``functional._chunked.stochastic_round_to_bf16``).
+    The bits are a counter-based hash of ``(seed, i)``, SplitMix64's finalizer (Steele, Lea &
+    Flood, OOPSLA 2014), so the result does not depend on how blocks are spread over threads."""
+    if not (value == types.float32 and isinstance(seed, types.Integer)
+            and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+
+        def c(v):
+            return ir.Constant(i64, v)
+
+        def wide(v):
+            return builder.zext(v, i64) if v.type.width < 64 else v
+
+        b = builder
+        z = b.add(wide(args[1]), b.mul(wide(args[2]), c(0x9E3779B97F4A7C15)))
+        z = b.mul(b.xor(z, b.lshr(z, c(30))), c(0xBF58476D1CE4E5B9))
+        z = b.mul(b.xor(z, b.lshr(z, c(27))), c(0x94D049BB133111EB))
+        noise = b.trunc(b.and_(b.xor(z, b.lshr(z, c(31))), c(0xFFFF)), _I32)
+        bits = b.add(b.bitcast(args[0], _I32), noise)
+        return b.trunc(b.lshr(bits, ir.Constant(_I32, 16)), ir.IntType(16))
+
+    return types.uint16(value, seed, i), codegen
+
+
+@intrinsic
 def pointer(typingctx, address, like):
     """A typed pointer to integer ``address``, of dtype ``like`` (a numpy scalar type such as
     ``np.float32``, or an array whose dtype is taken), for ``numba.carray(pointer(...), n)``:
