@@ -153,10 +153,10 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
     """One step of ``h``'s rule over all parameters: one kernel call per dtype pair."""
     kernels = _kernels()
     states = list(states) + [None] * (3 - len(states))
-    given = tuple(state is not None for state in states)
-    if given != type(h).slots:  # the kernel would drop a state it was given, or read one absent
-        raise RuntimeError(f"internal error: {type(h).__name__} uses state slots "
-                           f"{type(h).slots}, the call gave {given}")
+    given, used = tuple(state is not None for state in states), kernels.slots_of(type(h))
+    if given != used:  # the kernel would drop a state it was given, or read one absent
+        raise RuntimeError(f"internal error: {type(h).__name__} uses state slots {used}, "
+                           f"the call gave {given}")
     books = _books(states)
     g_sign = _f32(-1.0 if maximize else 1.0)
     for args, batch in _batches(params, grads, states, extras, block_size=block_size,

@@ -58,13 +58,11 @@ class AdamHyper(NamedTuple):
     one_minus_beta2: F32
     eps: F32
     amsgrad = False
-    slots = (True, True, False)  # the state slots the variant's rule uses: m, v, max of v
 
 
 class AMSGradHyper(AdamHyper):
     __slots__ = ()
     amsgrad = True
-    slots = (True, True, True)
 
 
 class RMSpropHyper(NamedTuple):
@@ -76,25 +74,21 @@ class RMSpropHyper(NamedTuple):
     neg_lr: F32
     use_momentum = False
     centered = False
-    slots = (True, False, False)  # square_avg, momentum_buffer, grad_avg
 
 
 class MomentumRMSpropHyper(RMSpropHyper):
     __slots__ = ()
     use_momentum = True
-    slots = (True, True, False)
 
 
 class CenteredRMSpropHyper(RMSpropHyper):
     __slots__ = ()
     centered = True
-    slots = (True, False, True)
 
 
 class CenteredMomentumRMSpropHyper(RMSpropHyper):
     __slots__ = ()
     use_momentum = centered = True
-    slots = (True, True, True)
 
 
 class LionHyper(NamedTuple):
@@ -104,7 +98,6 @@ class LionHyper(NamedTuple):
     beta2: F32
     one_minus_beta2: F32
     neg_lr: F32
-    slots = (True, False, False)  # m
 
 
 class SGDHyper(NamedTuple):
@@ -114,25 +107,21 @@ class SGDHyper(NamedTuple):
     neg_lr: F32
     use_momentum = False
     nesterov = False
-    slots = (False, False, False)  # momentum_buffer
 
 
 class MomentumSGDHyper(SGDHyper):
     __slots__ = ()
     use_momentum = True
-    slots = (True, False, False)
 
 
 class NesterovSGDHyper(SGDHyper):
     __slots__ = ()
     use_momentum = nesterov = True
-    slots = (True, False, False)
 
 
 class AdagradHyper(NamedTuple):
     l2: F32
     eps: F32
-    slots = (True, False, False)  # sum
 
 
 def variant(record: type, **flags: bool) -> type:
@@ -234,11 +223,26 @@ def adagrad_rule(h, _f, p, g, state_sum, _s1, _s2, neg_clr, _e1):
     return p, state_sum, ZERO, ZERO
 
 
-# each family's rule and the names of its flags
-RULES = {AdamHyper: (adam_rule, ("amsgrad",)),
-         RMSpropHyper: (rmsprop_rule, ("use_momentum", "centered")),
-         LionHyper: (lion_rule, ()), SGDHyper: (sgd_rule, ("use_momentum", "nesterov")),
-         AdagradHyper: (adagrad_rule, ())}
+# each family's rule, the names of its flags, and the state slots (s0, s1, s2) a variant's rule
+# uses, from its class
+RULES = {AdamHyper: (adam_rule, ("amsgrad",), lambda c: (True, True, c.amsgrad)),
+         RMSpropHyper: (rmsprop_rule, ("use_momentum", "centered"),
+                        lambda c: (True, c.use_momentum, c.centered)),
+         LionHyper: (lion_rule, (), lambda c: (True, False, False)),
+         SGDHyper: (sgd_rule, ("use_momentum", "nesterov"),
+                    lambda c: (c.use_momentum, False, False)),
+         AdagradHyper: (adagrad_rule, (), lambda c: (True, False, False))}
+
+
+def slots_of(record: type) -> tuple[bool, bool, bool]:
+    """Which of the three state slots the rule of ``record`` (a hyperparameter class) uses.
+
+    Example: ``slots_of(AMSGradHyper)`` is ``(True, True, True)`` (m, v, max of v).
+    """
+    for family, (_, _, used) in RULES.items():
+        if issubclass(record, family):
+            return used(record)
+    raise TypeError(f"{record.__name__} is not a hyperparameter record of a rule")
 
 
 def rule(h, p, g, s0, s1, s2, e0, e1):
@@ -249,7 +253,7 @@ def rule(h, p, g, s0, s1, s2, e0, e1):
 @overload(rule, inline="always")
 def _rule(h, p, g, s0, s1, s2, e0, e1):
     cls = getattr(h, "instance_class", None)
-    for family, (update, names) in RULES.items():
+    for family, (update, names, _) in RULES.items():
         if isinstance(cls, type) and issubclass(cls, family):
             f = tuple(getattr(cls, name) for name in names)
             return lambda h, p, g, s0, s1, s2, e0, e1: update(h, f, p, g, s0, s1, s2, e0, e1)
@@ -257,16 +261,16 @@ def _rule(h, p, g, s0, s1, s2, e0, e1):
 
 
 def slots(h):
-    """Which of the three state slots ``h``'s rule uses (the class's ``slots``): constants in
-    the compiled loop, so a slot the variant does not use costs no load or store."""
+    """Which of the three state slots ``h``'s rule uses (:func:`slots_of` its class): constants
+    in the compiled loop, so a slot the variant does not use costs no load or store."""
 
 
 @overload(slots, inline="always")
 def _slots(h):
-    used = getattr(getattr(h, "instance_class", None), "slots", None)
-    if used is None:
+    cls = getattr(h, "instance_class", None)
+    if not (isinstance(cls, type) and issubclass(cls, tuple(RULES))):
         return None
-    first, second, third = used
+    first, second, third = slots_of(cls)
     return lambda h: (first, second, third)
 
 
