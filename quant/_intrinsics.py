@@ -17,6 +17,13 @@ from numba.extending import intrinsic
 _I32 = ir.IntType(32)
 
 
+def _u32(builder, value):
+    """An integer IR value as i32: truncated, zero-extended, or as it is."""
+    width = value.type.width
+    return builder.trunc(value, _I32) if width > 32 else builder.zext(value, _I32) \
+        if width < 32 else value
+
+
 @intrinsic
 def f32_bits(typingctx, x):
     """The IEEE bits of an fp32 value as uint32."""
@@ -36,12 +43,7 @@ def bits_f32(typingctx, u):
         return None
 
     def codegen(context, builder, sig, args):
-        v = args[0]
-        if u.bitwidth > 32:
-            v = builder.trunc(v, _I32)
-        elif u.bitwidth < 32:
-            v = builder.zext(v, _I32)
-        return builder.bitcast(v, ir.FloatType())
+        return builder.bitcast(_u32(builder, args[0]), ir.FloatType())
 
     return types.float32(u), codegen
 
@@ -91,9 +93,7 @@ def carry_code(typingctx, entry, low):
         return None
 
     def codegen(context, builder, sig, args):
-        a, b = (builder.trunc(v, _I32) if v.type.width > 32 else builder.zext(v, _I32)
-                if v.type.width < 32 else v for v in args)
-        total = builder.add(a, b)
+        total = builder.add(_u32(builder, args[0]), _u32(builder, args[1]))
         return builder.trunc(builder.lshr(total, ir.Constant(_I32, 16)), ir.IntType(8))
 
     return types.uint8(entry, low), codegen
@@ -105,12 +105,6 @@ def carry_code(typingctx, entry, low):
 # were a third of a half-precision kernel's compile time. ``fmt`` is the format flag of
 # ``_numba`` (2: bf16, else fp16), a runtime value: both conversions are computed, one selected.
 _BF16 = 2
-
-
-def _u32(builder, value):
-    width = value.type.width
-    return builder.trunc(value, _I32) if width > 32 else builder.zext(value, _I32) \
-        if width < 32 else value
 
 
 def _is_bf16(builder, fmt):
@@ -265,6 +259,7 @@ def _words(value):
 
 
 def _ptr(builder, address, element):
+    """An integer address (IR value) as a pointer to ``element``."""
     i64 = ir.IntType(64)
     if address.type.width < 64:
         address = builder.zext(address, i64)

@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ._intrinsics import _function, _indices, _splat, compiled_features, raise_positive
+from ._intrinsics import _function, _indices, _ptr, _splat, compiled_features, raise_positive
 
 PATH_ENV = "EIGHTBIT_CPU_PATH"
 _PATHS = ("auto", "portable", "vbmi")
@@ -307,14 +307,6 @@ def _search_vbmi(builder, values, search_ptr):
 
 
 
-def _address(builder, value, element):
-    """An integer address as a pointer to ``element``."""
-    i64 = ir.IntType(64)
-    if value.type.width < 64:
-        value = builder.zext(value, i64)
-    return builder.inttoptr(value, element.as_pointer())
-
-
 def _is_address(*values) -> bool:
     return all(isinstance(v, types.Integer) for v in values)
 
@@ -330,9 +322,9 @@ def decode64(typingctx, codes, planes, scale, out):
     def codegen(context, builder, sig, args):
         if compiled_with_vbmi():
             codes_v, planes_v, scale_v, out_v = args
-            vectors = _lookup_vbmi(builder, _address(builder, codes_v, _I8),
-                                   _address(builder, planes_v, _I8))
-            out_ptr = _address(builder, out_v, _F32)
+            vectors = _lookup_vbmi(builder, _ptr(builder, codes_v, _I8),
+                                   _ptr(builder, planes_v, _I8))
+            out_ptr = _ptr(builder, out_v, _F32)
             scale16 = _splat(builder, scale_v, 16)
             for j, v in enumerate(vectors):
                 at = builder.gep(out_ptr, [ir.Constant(_I32, 16 * j)])
@@ -356,7 +348,7 @@ def encode64(typingctx, values, scale, search, codes, floor):
     def codegen(context, builder, sig, args):
         if compiled_with_vbmi():
             values_v, scale_v, search_v, codes_v, floor_v = args
-            x_ptr = _address(builder, values_v, _F32)
+            x_ptr = _ptr(builder, values_v, _F32)
             scale16 = _splat(builder, scale_v, 16)
             words = []
             for k in range(4):
@@ -364,9 +356,9 @@ def encode64(typingctx, values, scale, search, codes, floor):
                                      _vector(_F32, 16).as_pointer())
                 y = builder.fdiv(builder.load(at, align=4), scale16)
                 words.append(builder.bitcast(y, _vector(_I32, 16)))
-            result = _search_vbmi(builder, words, _address(builder, search_v, _I8))
+            result = _search_vbmi(builder, words, _ptr(builder, search_v, _I8))
             result = raise_positive(builder, result, words, floor_v)
-            out = _address(builder, codes_v, _vector(_I8, 64))
+            out = _ptr(builder, codes_v, _vector(_I8, 64))
             builder.store(result, out, align=1)
         return context.get_dummy_value()
 
