@@ -18,8 +18,10 @@ later processes load it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import gc
 import importlib.metadata
 import os
 import sys
@@ -153,11 +155,31 @@ def run_parts(kernel, count: int, *args) -> None:
     follows torch ops (the backward pass), after which torch's OpenMP workers keep spinning for
     a while; threads of our own would share the cores with them, while the team's workers take
     our parts at once. Results do not depend on the threads: every block is computed the same
-    way whichever part holds it.
+    way whichever part holds it. Python's garbage collector is paused meanwhile
+    (:func:`_collector_paused`).
 
     Example:
         >>> run_parts(lambda part, count, out: out.append(part), 4, [])  # doctest: +SKIP
     """
+    with _collector_paused():
+        _run_parts(kernel, count, *args)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the duration (then as it was). A kernel's first
+    call compiles it, and numba's compiler makes so many short-lived objects that collector
+    passes took about a sixth of a first use; a cached kernel allocates nothing while it runs."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def _run_parts(kernel, count: int, *args) -> None:
     workers = min(threads(), count)
     if workers == 1:
         for part in range(count):
@@ -379,11 +401,11 @@ def quantize(
     blocks, n = flat_absmax.size, flat_codes.size
     if blocks == 0:
         return
-    if t.table is None:
-        k.quantize_scan(0, 1, values, fmt, flat_codes, flat_absmax, t.thresholds, t.zero_code,
-                        block_size)
-        return
     count = parts(blocks, n)
+    if t.table is None:
+        run_parts(k.quantize_scan, count, values, fmt, flat_codes, flat_absmax, t.thresholds,
+                  t.zero_code, block_size)
+        return
     args = (values, fmt, flat_codes, flat_absmax, t.table, vbmi_tables(t)[1], t.zero_code,
             block_size, scratch(count, block_size))
     run_parts(k.quantize_part, count, *args)

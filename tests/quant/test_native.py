@@ -9,6 +9,7 @@ and blocks of zeros, inf and NaN.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import platform
 import re
@@ -278,6 +279,29 @@ def test_run_parts_runs_every_part_once_and_raises_a_parts_error(torch_threads, 
 
     with pytest.raises(ValueError, match="part 7"):
         _native.run_parts(failing, 12)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_run_parts_pauses_the_garbage_collector_and_restores_it(torch_threads, enabled):
+    # paused while kernels run (a first call compiles, and collector passes slowed that), then
+    # left as the caller had it, also when a part raises
+    torch_threads(2)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        seen = []
+        _native.run_parts(lambda part, count: seen.append(gc.isenabled()), 4)
+        assert seen == [False] * 4
+        assert gc.isenabled() == enabled
+
+        def failing(part, count):
+            raise ValueError("part")
+
+        with pytest.raises(ValueError):
+            _native.run_parts(failing, 4)
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
