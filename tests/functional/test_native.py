@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import pytest
 import torch
 from eightbit.functional import (
@@ -240,6 +241,23 @@ def test_steps_along_a_trajectory_on_a_large_ragged_parameter(row, monkeypatch):
     for step in range(1, 5):
         g = torch.randn(278011, generator=gen) * 0.1
         p, states = check_step(row, p, states, g, monkeypatch, step)
+
+
+@pytest.mark.parametrize("row", rows("adam", "rmsprop-centered-momentum-maximize", "sgd-plain-l2"),
+                         ids=lambda r: r.id)
+def test_tables_are_stacked_once_per_path_and_switching_paths_between_steps(row, monkeypatch):
+    # The kernel's per-slot tables are stacked once and reused (_native._books): a step on the
+    # other path must get that path's tables, not the cached ones of the path before.
+    monkeypatch.setattr(_native, "_stacked", {})
+    p, states, gen = make_problem(row, (5000,), torch.float32, seed=3)
+    for step in range(1, 7):
+        monkeypatch.setenv("EIGHTBIT_CPU_PATH", PATHS[step % len(PATHS)])
+        p, states = check_step(row, p, states, torch.randn(5000, generator=gen), monkeypatch,
+                               step)
+    assert len(_native._stacked) == len(PATHS)  # one stack per path, built once
+    for books, stacked in _native._stacked.values():
+        for i, array in enumerate(stacked):
+            assert np.array_equal(array, np.stack([b[i] for b in books]))
 
 
 @pytest.mark.parametrize("row", rows("adam-l2-amsgrad", "rmsprop-centered-momentum-maximize",
