@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import uint32
+from numba import types, uint32
 from numba.extending import overload
 
 from ..quant._intrinsics import abs_bits, fma, stochastic_bf16, umax
@@ -274,14 +274,27 @@ def _slots(h):
     return lambda h: (first, second, third)
 
 
-@inline
 def store_param(p, i, value, fmt, seed):
     """Write a parameter element; ``seed != 0`` (given only for bf16 parameters:
     ``functional._native._seed``) rounds it stochastically (:func:`stochastic_bf16`)."""
-    if seed != 0:
-        p[i] = stochastic_bf16(value, seed, i)
-    else:
-        store(p, i, value, fmt)
+
+
+@overload(store_param, inline="always")
+def _store_param(p, i, value, fmt, seed):
+    if p.dtype == types.float32:  # a plain store: the fp32 loop carries no hash in registers
+
+        def plain(p, i, value, fmt, seed):
+            p[i] = value
+
+        return plain
+
+    def rounded(p, i, value, fmt, seed):
+        if seed != 0:
+            p[i] = stochastic_bf16(value, seed, i)
+        else:
+            store(p, i, value, fmt)
+
+    return rounded
 
 
 # The tensor table: one int64 row per parameter; state k's codes and absmax addresses at
