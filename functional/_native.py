@@ -116,7 +116,7 @@ def _scratch(count: int, block_size: int) -> np.ndarray:
     """Three fp32 blocks per part, kept between calls of this thread (no fresh pages per step)."""
     buffer = getattr(_local, "scratch", None)
     if buffer is None or buffer.shape[0] < count or buffer.shape[2] != block_size:
-        buffer = _local.scratch = np.empty((count, 3, block_size), dtype=np.float32)
+        buffer = _local.scratch = quant_native.aligned_empty((count, 3, block_size), np.float32)
     return buffer
 
 
@@ -154,7 +154,7 @@ def _books(states):
     if hit is None:
         if len(_stacked) >= 8:
             _stacked.clear()
-        stacked = tuple(np.ascontiguousarray(np.stack([b[i] for b in books])) for i in range(6))
+        stacked = tuple(quant_native.aligned(np.stack([b[i] for b in books])) for i in range(6))
         hit = _stacked[key] = (books, stacked)
     return hit[1]
 

@@ -357,7 +357,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
     table = np.zeros(1 << 16, dtype=np.uint32)
     table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
-    return CodeTable(table, zero_code, thresholds, codebook, mids)
+    return CodeTable(aligned(table), zero_code, thresholds, aligned(codebook), mids)
 
 
 def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
@@ -379,8 +379,36 @@ def scratch(count: int, block_size: int) -> np.ndarray:
     buffers = _local.__dict__.setdefault("scratch", {})
     buffer = buffers.get(block_size)
     if buffer is None or buffer.shape[0] < count:
-        buffer = buffers[block_size] = np.empty((count, block_size), np.float32)
+        buffer = buffers[block_size] = aligned_empty((count, block_size), np.float32)
     return buffer
+
+
+ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on a :data:`ALIGNMENT` boundary.
+
+    The kernels read and write scratch blocks and tables 16 or 64 bytes at a time; malloc's
+    16-byte alignment let those accesses straddle two cache lines, with an alignment (and a
+    speed) that changed from process to process.
+
+    Example:
+        >>> aligned_empty((3, 256), np.float32).ctypes.data % ALIGNMENT
+        0
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``array`` on a :data:`ALIGNMENT` boundary (:func:`aligned_empty`)."""
+    out = aligned_empty(array.shape, array.dtype)
+    out[...] = array
+    return out
 
 
 _local = threading.local()

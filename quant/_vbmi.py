@@ -80,10 +80,12 @@ def tables(codebook: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 @functools.lru_cache(maxsize=16)
 def _cached_tables(codebook_bytes: bytes, mids_bytes: bytes):
+    from ._native import aligned  # (64-byte vector loads of both tables)
+
     codebook = np.frombuffer(codebook_bytes, np.float32)
-    planes = np.ascontiguousarray(codebook.view(np.uint8).reshape(256, 4).T.reshape(-1))
+    planes = aligned(codebook.view(np.uint8).reshape(256, 4).T.reshape(-1))
     search = search_table(np.frombuffer(mids_bytes, np.float32))
-    return planes, _EMPTY if search is None else search
+    return planes, _EMPTY if search is None else aligned(search)
 
 
 def _order_keys(values: np.ndarray) -> np.ndarray:

@@ -281,6 +281,28 @@ def test_run_parts_runs_every_part_once_and_raises_a_parts_error(torch_threads, 
         _native.run_parts(failing, 12)
 
 
+@pytest.mark.parametrize("path", ["portable", "vbmi"])
+def test_tables_and_scratch_the_kernels_read_start_on_a_cache_line(monkeypatch, path):
+    # 64-byte vector loads and stores must not straddle two cache lines (malloc gives 16 bytes)
+    from eightbit.quant import _vbmi
+
+    if path == "vbmi" and not _vbmi.compiled_with_vbmi():
+        pytest.skip("this CPU has no AVX-512 VBMI")
+    monkeypatch.setenv("EIGHTBIT_CPU_PATH", path)
+    for shape, dtype in [((3, 256), np.float32), ((5, 3, 100), np.float32), ((37,), np.uint8),
+                         ((2, 1 << 16), np.uint32)]:
+        a = _native.aligned_empty(shape, dtype)
+        assert (a.shape, a.dtype, a.flags.c_contiguous) == (shape, dtype, True)
+        assert a.ctypes.data % 64 == 0
+    t = _native.code_table(create_codebook("dynamic", signed=False))
+    arrays = [t.table, t.codebook, *_native.vbmi_tables(t), _native.scratch(3, 256)]
+    assert all(a.ctypes.data % 64 == 0 for a in arrays if a.size)
+    assert bool(_native.vbmi_tables(t)[1].size) == (path == "vbmi")
+    copy = _native.aligned(np.arange(1000, dtype=np.int16).reshape(10, 100)[:, ::3])
+    assert copy.ctypes.data % 64 == 0
+    assert np.array_equal(copy, np.arange(1000, dtype=np.int16).reshape(10, 100)[:, ::3])
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_run_parts_pauses_the_garbage_collector_and_restores_it(torch_threads, enabled):
     # paused while kernels run (a first call compiles, and collector passes slowed that), then
