@@ -32,6 +32,11 @@ def machine() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
         model = re.search(r"model name\s*:\s*(.*)", info).group(1).strip()
+        # virtual machines often name only the brand ("AMD EPYC"): the family and model tell
+        # the core generation (on AMD, family 25 is Zen 3/4, 26 Zen 5)
+        family = re.search(r"cpu family\s*:\s*(\d+)\s+model\s*:\s*(\d+)", info)
+        if family:
+            model += f" (family {family.group(1)}, model {family.group(2)})"
     except (OSError, AttributeError):
         pass
     try:
