@@ -146,8 +146,8 @@ def _books(states):
         t = quant_native.code_table(get_codebook("dynamic", signed=True))
         used = (t.codebook, t.table, *quant_native.vbmi_tables(t), t.zero_code, False)
     books = [used if b is None else b for b in out]
-    # Stacking copies three 256 KiB search tables: done once per combination of tables, not per
-    # step. The key is the tables' identities; the entry keeps them alive, so no other table
+    # Stacking copies three 256 KiB nearest-code tables: done once per combination of tables,
+    # not per step. The key is the tables' identities; the entry keeps them alive, so no other table
     # can take an id while it is cached.
     key = tuple((*map(id, b[:4]), b[4], b[5]) for b in books)
     hit = _stacked.get(key)

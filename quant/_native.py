@@ -169,7 +169,8 @@ def run_parts(kernel, count: int, *args) -> None:
 def _collector_paused():
     """Python's cyclic garbage collector off for the duration (then as it was). A kernel's first
     call compiles it, and numba's compiler makes so many short-lived objects that collector
-    passes took about a sixth of a first use; a cached kernel allocates nothing while it runs."""
+    passes were a visible part of a first use (docs/cpu-kernels.md); a compiled kernel
+    allocates nothing while it runs."""
     was_on = gc.isenabled()
     gc.disable()
     try:
@@ -389,9 +390,9 @@ ALIGNMENT = 64  # bytes: a cache line, and one AVX-512 vector
 def aligned_empty(shape, dtype) -> np.ndarray:
     """An uninitialized C-contiguous array whose data starts on a :data:`ALIGNMENT` boundary.
 
-    The kernels read and write scratch blocks and tables 16 or 64 bytes at a time; malloc's
-    16-byte alignment let those accesses straddle two cache lines, with an alignment (and a
-    speed) that changed from process to process.
+    The kernels read and write scratch blocks and tables 16 or 64 bytes at a time; with
+    malloc's 16-byte alignment those accesses could straddle two cache lines, at an offset that
+    changed from process to process.
 
     Example:
         >>> aligned_empty((3, 256), np.float32).ctypes.data % ALIGNMENT

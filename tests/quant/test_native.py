@@ -160,12 +160,15 @@ def test_shapes_sizes_and_non_contiguous_input(dtype):
     assert_identical(x[:, ::3], codebook, 64)
 
 
-def test_a_codebook_with_two_thresholds_in_one_bin_uses_the_linear_search():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_codebook_with_two_thresholds_in_one_bin_uses_the_linear_search(torch_threads,
+                                                                          threads):
+    torch_threads(threads)  # 2 threads: the search runs in several parts
     values = torch.linspace(-1, 1, 256)
     values[100:110] = 0.5 + torch.arange(10) * 2.0**-20  # thresholds closer than one bin
     codebook = values.sort().values
     assert _native.code_table(codebook).table is None
-    x = torch.cat([adversarial(codebook), torch.randn(5000)])
+    x = torch.cat([adversarial(codebook), torch.randn(200_000)])
     assert_identical(x, codebook)
     assert_identical(with_unit_absmax(adversarial(codebook)), codebook)
 
