@@ -15,8 +15,14 @@ next; and ``tests.benchmarks.timing.keep_awake`` keeps idle vCPUs from sleeping,
 ``make bench``.
 
 Check a machine with an A/A run first (``--baseline`` = this checkout's own commit): on an AMD
-EPYC VM the two copies of identical code differed by up to a third (docs/cpu-kernels.md); where
-they do, compare separate processes alternated instead.
+EPYC VM the two copies of identical code differed by up to a third (docs/cpu-kernels.md).
+
+``--shared`` compares the two trees' optimizers on the same memory instead: per optimizer, one
+parameter, the baseline's optimizer and this checkout's, this checkout's state tensors replaced
+by the baseline's, so both read and write the same memory and only the code differs; steps
+alternate and the median of the per-round ratios (this / baseline) is printed, with CPU time of
+the calling thread on one thread (other processes' load does not count) and wall time on more.
+Repeat it: the ratio still moves from process to process by up to ~10% on a noisy VM.
 """
 
 from __future__ import annotations
@@ -86,6 +92,41 @@ for k in ops:
 """
 
 
+SHARED = r"""
+import statistics, sys, time, torch
+import eb_base, eb_head
+numel, rounds = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))
+clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+gen = torch.Generator().manual_seed(0)
+print(f"{numel:,} fp32 values, {torch.get_num_threads()} threads, {rounds} rounds, shared state; "
+      f"median (range) of this / baseline per round")
+for name in ("Adam8bit", "Lion8bit", "RMSprop8bit"):
+    p = torch.nn.Parameter(torch.randn(numel, generator=gen) * 0.1)
+    p.grad = torch.randn(numel, generator=gen) * 0.01
+    base = getattr(eb_base.optim, name)([p], lr=1e-3)
+    head = getattr(eb_head.optim, name)([p], lr=1e-3)
+    base.step(); head.step()
+    def quantized(opt):
+        return sorted(k for k in opt.state[p] if k.endswith(("_codes", "_absmax")))
+    keys = quantized(base)
+    assert keys and keys == quantized(head), (keys, quantized(head))
+    for key in keys:  # this checkout's optimizer now updates the baseline's state tensors
+        head.state[p][key] = base.state[p][key]
+    def timed(opt):
+        start = clock(); opt.step(); return clock() - start
+    timed(base); timed(head)
+    ratios = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            b = timed(base); h = timed(head)
+        else:  # alternate which goes first
+            h = timed(head); b = timed(base)
+        ratios.append(h / b)
+    print(f"  {name:<12} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+"""
+
+
 def _package(tree: Path, name: str, into: Path) -> None:
     """``into/name``: links to ``tree``'s eightbit/*.py and its layer folders."""
     pkg = into / name
@@ -103,6 +144,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-keep-awake", dest="keep_awake", action="store_false")
+    ap.add_argument("--shared", action="store_true",
+                    help="both trees' optimizers on the same state tensors (see above)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +159,8 @@ def main() -> int:
             env = {**os.environ, "PYTHONPATH": str(tmp), "NUMBA_CACHE_DIR": str(tmp / "cache")}
             env.pop("EIGHTBIT_CPU_PATH", None)
             with keep_awake() if args.keep_awake else contextlib.nullcontext():
-                return subprocess.run([sys.executable, "-c", MEASURE, str(args.numel),
+                return subprocess.run([sys.executable, "-c", SHARED if args.shared else MEASURE,
+                                       str(args.numel),
                                        str(args.rounds), str(args.threads),
                                        str(ROOT / "tests" / "benchmarks" / "timing.py")],
                                       env=env).returncode
