@@ -335,7 +335,7 @@ def vbmi_tables(t: CodeTable) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=16)
 def _code_table(codebook_bytes: bytes) -> CodeTable:
-    codebook = np.frombuffer(codebook_bytes, dtype=np.float32).copy()
+    codebook = aligned(np.frombuffer(codebook_bytes, dtype=np.float32))
     mids = midpoints(torch.from_numpy(codebook)).numpy()
     thresholds = np.append(mids, np.float32(np.inf)).astype(np.float32)
     zero_code = np.uint8(np.searchsorted(mids, np.float32(0.0)))
@@ -358,7 +358,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
     table = np.zeros(1 << 16, dtype=np.uint32)
     table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
-    return CodeTable(aligned(table), zero_code, thresholds, aligned(codebook), mids)
+    return CodeTable(aligned(table), zero_code, thresholds, codebook, mids)
 
 
 def as_array(t: torch.Tensor) -> tuple[np.ndarray, int]:
