@@ -13,7 +13,6 @@ here exactly as torch rounds Python scalars, so the kernels compute what the tor
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -113,14 +112,9 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
 
 
 def _scratch(count: int, block_size: int) -> np.ndarray:
-    """Three fp32 blocks per part, kept between calls of this thread (no fresh pages per step)."""
-    buffer = getattr(_local, "scratch", None)
-    if buffer is None or buffer.shape[0] < count or buffer.shape[2] != block_size:
-        buffer = _local.scratch = quant_native.aligned_empty((count, 3, block_size), np.float32)
-    return buffer
-
-
-_local = threading.local()
+    """Three fp32 blocks per part: this thread's kernel scratch (``quant._native.scratch``,
+    kept between calls and cache-line aligned), viewed as ``(count, 3, block_size)``."""
+    return quant_native.scratch(3 * count, block_size)[: 3 * count].reshape(count, 3, block_size)
 
 
 def _books(states):
