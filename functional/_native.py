@@ -118,8 +118,9 @@ def _scratch(count: int, block_size: int) -> np.ndarray:
 
 
 def _books(states):
-    """Per state slot, stacked over the three slots: codebook, table, VBMI planes, VBMI search,
-    code of zero, nonnegative (a slot that is off repeats another's, never read)."""
+    """Per state slot, stacked over the three slots: codebook, table, VBMI planes, VBMI search
+    (``None``: the portable path), code of zero, nonnegative (a slot that is off repeats
+    another's, never read)."""
     out = []
     for state in states:
         q = None if state is None else next((q for q in state if q is not None), None)
@@ -148,12 +149,20 @@ def _books(states):
     if hit is None:
         if len(_stacked) >= 8:
             _stacked.clear()
-        stacked = tuple(quant_native.aligned(np.stack([b[i] for b in books])) for i in range(6))
+        stacked = tuple(_stack([b[i] for b in books]) for i in range(6))
         hit = _stacked[key] = (books, stacked)
     return hit[1]
 
 
 _stacked: dict = {}
+
+
+def _stack(rows):
+    """The slots' tables stacked into one aligned array; ``None`` where a slot has no VBMI
+    table (VBMI off, or a codebook it does not fit): then every slot takes the portable path."""
+    if any(r is None for r in rows):
+        return None
+    return quant_native.aligned(np.stack(rows))
 
 
 def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochastic_rounding):
@@ -170,8 +179,8 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
                                 stochastic=bf16_stochastic_rounding):
         blocks = int(args[1][-1])
         count = quant_native.parts(blocks, int(args[0][:, kernels.NUMEL].sum()))
-        common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books,
-                  block_size)
+        common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books[:2],
+                  *map(quant_native.address, books[2:4]), *books[4:], block_size)
         quant_native.run_parts(kernels.update_part, count, *common)
         _finish(batch)
 

@@ -28,7 +28,7 @@ import numpy as np
 from numba import types, uint32
 from numba.extending import overload
 
-from ..quant._intrinsics import abs_bits, fma, stochastic_bf16, umax
+from ..quant._intrinsics import abs_bits, fma, offset, stochastic_bf16, umax
 from ..quant._numba import (
     address,
     block_range,
@@ -41,6 +41,7 @@ from ..quant._numba import (
     store,
     view,
 )
+from ..quant._vbmi import PLANES_BYTES, SEARCH_BYTES
 
 F32 = np.float32
 
@@ -334,12 +335,13 @@ def restart_nonfinite(h, s0, s1, s2, n):
 
 @part_kernel
 def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like,
-                p_fmt, g_like, g_fmt, codebooks, tables, planes, searches, zero_codes,
+                p_fmt, g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes,
                 nonnegative, block_size):
     """Part ``part`` of ``parts`` of one step of ``h``'s rule over every block of the table.
 
     State k's codebook is ``codebooks[k]``, its nearest-code table ``tables[k]``, its VBMI
-    tables ``planes[k]`` and ``searches[k]`` (empty rows: the portable path), its code of zero
+    tables at ``planes_at`` and ``searches_at`` (addresses of three stacked tables each, or
+    ``None``: the portable decode or encode, compiled without the VBMI one), its code of zero
     ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)).
     ``scratch[part]``: three fp32 blocks.
     """
@@ -347,7 +349,6 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
     # addresses taken once per part (see quant._numba.encode_block)
     s_at = address(scratch[part])
     codebooks_at, tables_at = address(codebooks), address(tables)
-    planes_at, searches_at = address(planes), address(searches)
     first, last = part_blocks(part, parts, block_starts[-1])
     used0, used1, used2 = slots(h)
     t = np.int64(0)
@@ -362,7 +363,7 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
             if tensors[t, STATES + 2 * k] != 0:
                 absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
                 decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
-                             planes_at + planes.shape[1] * k if planes_at != 0 else 0,
+                             offset(planes_at, PLANES_BYTES * k),
                              absmax[lb], s_at + 4 * block_size * k)
         mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
@@ -388,6 +389,6 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
                 encode_block(s_at + 4 * block_size * k, tensors[t, STATES + 2 * k],
                              tensors[t, STATES + 2 * k + 1], lb, start, end, mag,
                              tables_at + 4 * tables.shape[1] * k,
-                             searches_at + searches.shape[1] * k if searches_at != 0 else 0,
+                             offset(searches_at, SEARCH_BYTES * k),
                              zero_codes[k], nonnegative[k])
 

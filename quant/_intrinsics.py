@@ -204,6 +204,27 @@ def stochastic_bf16(typingctx, value, seed, i):
 
 
 @intrinsic
+def offset(typingctx, address, n):
+    """``address + n``, or ``None`` where ``address`` is ``None`` (a table that is off): the
+    kernels pass a VBMI table's address this way, and a block helper given ``None`` is compiled
+    without the VBMI loop (numba prunes ``if x is not None`` on an argument typed ``none``)."""
+    if not isinstance(n, types.Integer):
+        return None
+    if isinstance(address, types.NoneType):
+        return types.none(address, n), lambda context, builder, sig, args: \
+            context.get_dummy_value()
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        wide = [builder.sext(a, i64) if a.type.width < 64 else a for a in args]
+        return builder.add(*wide)
+
+    return types.int64(address, n), codegen
+
+
+@intrinsic
 def pointer(typingctx, address, like):
     """A typed pointer to integer ``address``, of dtype ``like`` (a numpy scalar type such as
     ``np.float32``, or an array whose dtype is taken), for ``numba.carray(pointer(...), n)``:

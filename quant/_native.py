@@ -326,8 +326,14 @@ def code_table(codebook: torch.Tensor) -> CodeTable:
     return _code_table(codebook.numpy().tobytes())
 
 
-def vbmi_tables(t: CodeTable) -> tuple[np.ndarray, np.ndarray]:
-    """``(planes, search)`` of ``t``'s codebook for the VBMI path; empty where it is off."""
+def address(table: np.ndarray | None) -> int | None:
+    """A table's address for a kernel, ``None`` for ``None``: a kernel given ``None`` for a VBMI
+    table is compiled without that path (``_numba.encode_block``)."""
+    return None if table is None else table.ctypes.data
+
+
+def vbmi_tables(t: CodeTable) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(planes, search)`` of ``t``'s codebook for the VBMI path; ``None`` where it is off."""
     from . import _vbmi
 
     return _vbmi.tables(t.codebook, t.mids)
@@ -435,7 +441,7 @@ def quantize(
         run_parts(k.quantize_scan, count, values, fmt, flat_codes, flat_absmax, t.thresholds,
                   t.zero_code, block_size)
         return
-    args = (values, fmt, flat_codes, flat_absmax, t.table, vbmi_tables(t)[1], t.zero_code,
+    args = (values, fmt, flat_codes, flat_absmax, t.table, address(vbmi_tables(t)[1]), t.zero_code,
             block_size, scratch(count, block_size))
     run_parts(k.quantize_part, count, *args)
 
@@ -455,6 +461,6 @@ def dequantize(
     if blocks == 0:
         return
     count = parts(blocks, n)
-    args = (flat_codes, flat_absmax, t.codebook, vbmi_tables(t)[0], values, fmt, block_size,
-            scratch(count, block_size))
+    args = (flat_codes, flat_absmax, t.codebook, address(vbmi_tables(t)[0]), values, fmt,
+            block_size, scratch(count, block_size))
     run_parts(k.dequantize_part, count, *args)

@@ -9,7 +9,8 @@ and rounding are IEEE fp32, as in the torch path, the oracle these kernels are t
 
 Two search paths find nearest codes: the portable one below (:func:`nearest_code`), and, where
 the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`; each kernel chooses with one
-``if`` on the (possibly empty) VBMI tables it is given. Half-precision tensors arrive as
+``if`` on the VBMI tables' address, ``None`` where the path is off: numba then compiles the
+kernel without the VBMI loop, and one with (a variant of its own). Half-precision tensors arrive as
 ``uint16`` bit patterns with a format flag, :data:`F16` or :data:`BF16` (numba has no CPU
 float16 or bfloat16).
 """
@@ -147,8 +148,9 @@ def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, s
                  zero_code, nonnegative):
     """Block ``b``: ``absmax[b] = block_scale(mag)`` and ``codes[start:end]`` = the nearest codes
     of ``values[: end - start] / absmax[b]`` (fp32 values whose max :func:`abs_bits` is
-    ``mag``), by VBMI where ``search_at`` (the VBMI search table) is not 0, else 16 values at a
-    time by gathers from the nearest-code table. A degenerate block gets ``zero_code``. With
+    ``mag``), by VBMI where ``search_at`` (the VBMI search table) is given, else 16 values at a
+    time by gathers from the nearest-code table. ``search_at`` is an address or ``None``, so
+    each kernel compiles the one search loop it runs. A degenerate block gets ``zero_code``. With
     ``nonnegative`` (issue 17's rule (b), optimizer states on the unsigned map), a positive
     value whose nearest code is ``zero_code`` gets ``zero_code + 1``."""
     scale = view(absmax_at, b + 1, np.float32)[b] = block_scale(mag)
@@ -160,7 +162,7 @@ def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, s
         return
     base = values_at - 4 * np.int64(start)
     floor = zero_code + np.uint8(1) if nonnegative else np.uint8(0)
-    if search_at != 0:
+    if search_at is not None:
         full = start + (end - start) // uint64(64) * uint64(64)
         for s in range(start, full, uint64(64)):
             encode64(base + 4 * s, scale, search_at, codes_at + s, floor)
@@ -171,16 +173,17 @@ def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, s
     table = view(table_at, TABLE_SIZE, np.uint32)
     for i in range(full, end):
         code = nearest_code(values[i - start] / scale, table)
-        codes[i] = max(code, floor) if values[i - start] > 0 else code
+        codes[i] = floor if values[i - start] > 0 and code < floor else code
 
 
 @block_helper
 def decode_block(codes_at, start, end, codebook_at, planes_at, scale, out_at):
     """``out[: end - start] = codebook[codes[start:end]] * scale`` (addresses; fp32 ``out``),
-    by VBMI where ``planes_at`` is not 0, else 16 codes at a time by gathers."""
+    by VBMI where ``planes_at`` (an address or ``None``, as ``search_at`` of
+    :func:`encode_block`) is given, else 16 codes at a time by gathers."""
     base = out_at - 4 * np.int64(start)
     full = start
-    if planes_at != 0:
+    if planes_at is not None:
         full = start + (end - start) // uint64(64) * uint64(64)
         for s in range(start, full, uint64(64)):
             decode64(codes_at + s, planes_at, scale, base + 4 * s)
@@ -196,18 +199,20 @@ def decode_block(codes_at, start, end, codebook_at, planes_at, scale, out_at):
 
 @inline
 def address(x):
-    """The address of array ``x``'s data, or 0 for an empty array (a path that is off)."""
-    return np.int64(x.ctypes.data) if x.size != 0 else np.int64(0)
+    """The address of array ``x``'s data."""
+    return np.int64(x.ctypes.data)
 
 
 @part_kernel
-def quantize_part(part, parts, x, fmt, codes, absmax, table, search, zero_code, block_size,
+def quantize_part(part, parts, x, fmt, codes, absmax, table, search_at, zero_code, block_size,
                   scratch):
+    """Part ``part`` of ``parts`` of quantize; ``search_at``: the VBMI search table's address,
+    or ``None`` for the portable path (see :func:`encode_block`)."""
     n = x.size
     first, last = part_blocks(part, parts, absmax.size)
     values = scratch[part]
     values_at, codes_at, absmax_at = address(values), address(codes), address(absmax)
-    table_at, search_at, x_at = address(table), address(search), address(x)
+    table_at, x_at = address(table), address(x)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)
         prefetch_next(x_at, x.itemsize, start, end)
@@ -250,13 +255,15 @@ def quantize_scan(part, parts, x, fmt, codes, absmax, thresholds, zero_code, blo
 
 
 @part_kernel
-def dequantize_part(part, parts, codes, absmax, codebook, planes, out, fmt, block_size,
+def dequantize_part(part, parts, codes, absmax, codebook, planes_at, out, fmt, block_size,
                     scratch):
+    """Part ``part`` of ``parts`` of dequantize; ``planes_at``: the VBMI planes' address, or
+    ``None`` for the portable path (see :func:`decode_block`)."""
     n = codes.size
     first, last = part_blocks(part, parts, absmax.size)
     values = scratch[part]
     values_at, codes_at = address(values), address(codes)
-    codebook_at, planes_at = address(codebook), address(planes)
+    codebook_at = address(codebook)
     out_at = address(out)
     for b in range(first, last):
         start, end = block_range(b, block_size, n)

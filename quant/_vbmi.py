@@ -63,18 +63,20 @@ def describe() -> str:
 
 # -- The tables ---------------------------------------------------------------------------
 
-_EMPTY = np.zeros(0, np.uint8)
+# Bytes of one codebook's tables: the four byte planes, and the search table (search_table).
+PLANES_BYTES, SEARCH_BYTES = 1024, 1536
 
 
-def tables(codebook: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(planes, search)`` of a float32 codebook and its sorted midpoints, or empty arrays where
-    the VBMI path is off (:func:`in_use`) or, for ``search``, the thresholds do not fit it.
+def tables(codebook: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(planes, search)`` of a float32 codebook and its sorted midpoints; ``None`` where the
+    VBMI path is off (:func:`in_use`) or, for ``search``, the thresholds do not fit it. A kernel
+    given ``None`` is compiled without that VBMI loop (``_numba.encode_block``).
 
     ``planes``: the codebook's four byte planes (1,024 bytes: byte k of value c at ``256 k + c``).
     ``search``: the three-level search table of :func:`encode64` (:func:`search_table`).
     """
     if not in_use():
-        return _EMPTY, _EMPTY
+        return None, None
     return _cached_tables(codebook.tobytes(), mids.tobytes())
 
 
@@ -85,7 +87,8 @@ def _cached_tables(codebook_bytes: bytes, mids_bytes: bytes):
     codebook = np.frombuffer(codebook_bytes, np.float32)
     planes = aligned(codebook.view(np.uint8).reshape(256, 4).T.reshape(-1))
     search = search_table(np.frombuffer(mids_bytes, np.float32))
-    return planes, _EMPTY if search is None else aligned(search)
+    assert planes.size == PLANES_BYTES and (search is None or search.size == SEARCH_BYTES)
+    return planes, None if search is None else aligned(search)
 
 
 def _order_keys(values: np.ndarray) -> np.ndarray:

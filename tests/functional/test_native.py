@@ -257,7 +257,42 @@ def test_tables_are_stacked_once_per_path_and_switching_paths_between_steps(row,
     assert len(_native._stacked) == len(PATHS)  # one stack per path, built once
     for books, stacked in _native._stacked.values():
         for i, array in enumerate(stacked):
-            assert np.array_equal(array, np.stack([b[i] for b in books]))
+            rows = [b[i] for b in books]
+            if 2 <= i <= 3 and any(r is None for r in rows):  # VBMI tables, path off
+                assert array is None and all(r is None for r in rows)
+            else:
+                assert np.array_equal(array, np.stack(rows))
+
+
+def test_each_path_compiles_only_its_own_search(monkeypatch):
+    # The VBMI tables reach the kernels as addresses, or None on the portable path: numba then
+    # compiles that path's kernel without the VBMI loops (a smaller, faster first compile).
+    from eightbit.functional import _numba as kernels
+    from eightbit.quant import _numba as quant_kernels
+
+    calls = []
+    run_parts = quant_native.run_parts
+    monkeypatch.setattr(quant_native, "run_parts",
+                        lambda kernel, count, *args: calls.append((kernel, args))
+                        or run_parts(kernel, count, *args))
+    row = rows("adam")[0]
+    for path in PATHS:
+        monkeypatch.setenv("EIGHTBIT_CPU_PATH", path)
+        calls.clear()
+        p, states, gen = make_problem(row, (3000,), torch.float32, seed=4)
+        check_step(row, p, states, torch.randn(3000, generator=gen), monkeypatch)
+        monkeypatch.setenv(quant_native.ENV, "auto")  # (check_step ends on the torch path)
+        quantize_blockwise(torch.randn(3000), block_size=BLOCK)
+        # (planes, searches) of the update; search of quantize (update_part's and
+        # quantize_part's arguments after (part, parts))
+        update = [args[12:14] for kernel, args in calls if kernel is kernels.update_part]
+        quantize = [args[5:6] for kernel, args in calls if kernel is quant_kernels.quantize_part]
+        assert len(update) == 1 and len(quantize) >= 1
+        for tables in update + quantize:
+            assert all((t is None) if path == "portable" else isinstance(t, int) for t in tables)
+        expected = "none" if path == "portable" else "int64"
+        assert any(str(s[14]) == str(s[15]) == expected for s in kernels.update_part.signatures)
+        assert any(str(s[7]) == expected for s in quant_kernels.quantize_part.signatures)
 
 
 @pytest.mark.parametrize("row", rows("adam-l2-amsgrad", "rmsprop-centered-momentum-maximize",
