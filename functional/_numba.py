@@ -28,7 +28,7 @@ import numpy as np
 from numba import types, uint32
 from numba.extending import overload
 
-from ..quant._intrinsics import abs_bits, fma, offset, stochastic_bf16, umax
+from ..quant._intrinsics import abs_bits, f32_to_half, fma, offset, stochastic_bf16, umax
 from ..quant._numba import (
     address,
     block_range,
@@ -38,7 +38,6 @@ from ..quant._numba import (
     load,
     part_blocks,
     part_kernel,
-    store,
     view,
 )
 from ..quant._vbmi import PLANES_BYTES, SEARCH_BYTES
@@ -289,11 +288,8 @@ def _store_param(p, i, value, fmt, seed):
 
         return plain
 
-    def rounded(p, i, value, fmt, seed):
-        if seed != 0:
-            p[i] = stochastic_bf16(value, seed, i)
-        else:
-            store(p, i, value, fmt)
+    def rounded(p, i, value, fmt, seed):  # (store's body, not a call: one compile less)
+        p[i] = stochastic_bf16(value, seed, i) if seed != 0 else np.uint16(f32_to_half(value, fmt))
 
     return rounded
 
