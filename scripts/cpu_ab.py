@@ -1,6 +1,7 @@
 """A/B of the fused CPU kernels: this checkout against an earlier commit, in one process.
 
     .venv/bin/python scripts/cpu_ab.py [--baseline 2b6a52b] [--numel 16M] [--rounds 9] [--threads 1]
+                                       [--shared [--tensors 64]]
 
 The baseline commit is checked out into a temporary git worktree; both trees are imported side
 by side under other package names (``eb_base`` and ``eb_head``: a folder of links to each tree's
@@ -95,35 +96,40 @@ for k in ops:
 SHARED = r"""
 import statistics, sys, time, torch
 import eb_base, eb_head
-numel, rounds = int(sys.argv[1]), int(sys.argv[2])
+numel, rounds, tensors = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
 torch.set_num_threads(int(sys.argv[3]))
 clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 gen = torch.Generator().manual_seed(0)
-print(f"{numel:,} fp32 values, {torch.get_num_threads()} threads, {rounds} rounds, shared state; "
-      f"median (range) of this / baseline per round")
+print(f"{numel:,} fp32 values in {tensors} tensors, {torch.get_num_threads()} threads, {rounds} "
+      f"rounds, shared state; median (range) of this / baseline per round")
 for name in ("Adam8bit", "Lion8bit", "RMSprop8bit"):
-    p = torch.nn.Parameter(torch.randn(numel, generator=gen) * 0.1)
-    p.grad = torch.randn(numel, generator=gen) * 0.01
-    base = getattr(eb_base.optim, name)([p], lr=1e-3)
-    head = getattr(eb_head.optim, name)([p], lr=1e-3)
+    params = [torch.nn.Parameter(torch.randn(numel // tensors, generator=gen) * 0.1)
+              for _ in range(tensors)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 0.01
+    base = getattr(eb_base.optim, name)(params, lr=1e-3)
+    head = getattr(eb_head.optim, name)(params, lr=1e-3)
     base.step(); head.step()
-    def quantized(opt):
+    def quantized(opt, p):
         return sorted(k for k in opt.state[p] if k.endswith(("_codes", "_absmax")))
-    keys = quantized(base)
-    assert keys and keys == quantized(head), (keys, quantized(head))
-    for key in keys:  # this checkout's optimizer now updates the baseline's state tensors
-        head.state[p][key] = base.state[p][key]
+    for p in params:
+        keys = quantized(base, p)
+        assert keys and keys == quantized(head, p), (keys, quantized(head, p))
+        for key in keys:  # this checkout's optimizer now updates the baseline's state tensors
+            head.state[p][key] = base.state[p][key]
     def timed(opt):
         start = clock(); opt.step(); return clock() - start
     timed(base); timed(head)
-    ratios = []
+    ratios, bs, hs = [], [], []
     for r in range(rounds):
         if r % 2 == 0:
             b = timed(base); h = timed(head)
         else:  # alternate which goes first
             h = timed(head); b = timed(base)
-        ratios.append(h / b)
-    print(f"  {name:<12} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+        ratios.append(h / b); bs.append(b); hs.append(h)
+    print(f"  {name:<12} {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+          f"   medians: baseline {statistics.median(bs) * 1e3:.3f} ms, "
+          f"this {statistics.median(hs) * 1e3:.3f} ms")
 """
 
 
@@ -143,6 +149,8 @@ def main() -> int:
     ap.add_argument("--numel", type=parse_size, default=16_000_000)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tensors", type=int, default=1,
+                    help="with --shared: the values split over this many parameters")
     ap.add_argument("--no-keep-awake", dest="keep_awake", action="store_false")
     ap.add_argument("--shared", action="store_true",
                     help="both trees' optimizers on the same state tensors (see above)")
@@ -162,7 +170,8 @@ def main() -> int:
                 return subprocess.run([sys.executable, "-c", SHARED if args.shared else MEASURE,
                                        str(args.numel),
                                        str(args.rounds), str(args.threads),
-                                       str(ROOT / "tests" / "benchmarks" / "timing.py")],
+                                       str(ROOT / "tests" / "benchmarks" / "timing.py"),
+                                       str(args.tensors)],
                                       env=env).returncode
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
