@@ -36,9 +36,10 @@ from .codebook import midpoints
 ENV = "EIGHTBIT_CPU_BACKEND"
 CACHE_ENV = "EIGHTBIT_CACHE_DIR"
 _CHOICES = ("auto", "numba", "torch")
-# Fewest elements per part (torch's at::internal::GRAIN_SIZE): below it, waking a thread costs
-# more than it saves.
-GRAIN = 32768
+# Fewest elements per part: starting a second thread costs ~40 us (the team's wake-up and the
+# GIL handoffs of run_parts), about the one-thread time of this many Adam8bit elements; below
+# it a second thread saves less than it costs (docs/cpu-kernels.md).
+GRAIN = 131072
 
 
 def _choice() -> str:

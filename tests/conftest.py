@@ -1,4 +1,5 @@
-"""Shared pytest setup: the `gpu` marker skips where no CUDA device (or no CuPy) is present."""
+"""Shared pytest setup: the `gpu` marker skips where no CUDA device (or no CuPy) is present;
+the CPU kernels split work into parts of fewer elements than they do for users."""
 
 import pytest
 import torch
@@ -22,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _small_cpu_parts(monkeypatch):
+    # quant._native.GRAIN (the fewest elements per part) is sized for speed; tests use test-sized
+    # tensors, and must still cover calls cut into several parts on several threads. Results do
+    # not depend on the cut (tests/quant/test_native.py checks the rule with the shipped value).
+    from eightbit.quant import _native
+
+    monkeypatch.setattr(_native, "GRAIN", 8192)

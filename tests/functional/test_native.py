@@ -460,7 +460,8 @@ def test_many_parameters_in_one_call_equal_one_call_each(row, monkeypatch):
     # One kernel call walks all parameters' blocks as one sequence (a table of addresses):
     # it must give each parameter exactly what a call with that parameter alone gives, for
     # sizes around the block size, mixed dtypes, its own step count and stochastic rounding.
-    # (The fp32 parameters total more than 2 x quant._threads.GRAIN: two parts on two threads.)
+    # (The fp32 parameters total more than 2 x quant._native.GRAIN, 8192 in tests: several
+    # parts on two threads.)
     monkeypatch.delenv(quant_native.ENV, raising=False)
     sizes = [1, 255, 256, 257, 1000, 4097, 140000, 3]
     dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16] * 2
