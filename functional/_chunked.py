@@ -56,29 +56,33 @@ def quantized_states(
         return [None] * len(params)
     check_len(codes, params, f"{name}_codes")
     check_len(absmax, params, f"{name}_absmax")
-    maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # looked up once per device
+    # (runs once per parameter and state at every step: lookups are hoisted out of the loop)
+    device = codebook = mids = None  # the maps of the last device seen
+    uint8, float32, nonnegative = torch.uint8, torch.float32, not signed
     out = []
     for p, c, a in zip(params, codes, absmax, strict=True):
-        if c.dtype != torch.uint8 or c.shape != p.shape or not c.is_contiguous():
+        if c.dtype != uint8 or c.shape != p.shape or not c.is_contiguous():
             raise ValueError(
                 f"{name}_codes must be contiguous uint8 tensors of the parameter's shape "
                 f"{tuple(p.shape)}, got {c.dtype} of shape {tuple(c.shape)}"
             )
         blocks = num_blocks(p.numel(), block_size)
-        if a.dtype != torch.float32 or a.shape != (blocks,):
+        if a.dtype != float32 or a.shape != (blocks,):
             raise ValueError(
                 f"{name}_absmax must be float32 of shape ({blocks},) for {p.numel()} elements at "
                 f"block_size {block_size}, got {a.dtype} of shape {tuple(a.shape)}"
             )
-        if not (c.device == a.device == p.device):
+        on = p.device
+        if c.device != on or a.device != on:
             raise ValueError(
-                f"{name} state is on {c.device}/{a.device} but the parameter is on {p.device}; "
+                f"{name} state is on {c.device}/{a.device} but the parameter is on {on}; "
                 "move the optimizer state to the parameter's device"
             )
-        if p.device not in maps:
-            maps[p.device] = (get_codebook("dynamic", signed=signed, device=p.device),
-                              get_midpoints("dynamic", signed=signed, device=p.device))
-        out.append(Quantized(c, a, *maps[p.device], not signed))
+        if on != device:
+            device = on
+            codebook = get_codebook("dynamic", signed=signed, device=on)
+            mids = get_midpoints("dynamic", signed=signed, device=on)
+        out.append(Quantized(c, a, codebook, mids, nonnegative))
     return out
 
 

@@ -13,6 +13,8 @@ here exactly as torch rounds Python scalars, so the kernels compute what the tor
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -60,6 +62,7 @@ class _Batch(NamedTuple):
     copies: list  # (tensor, contiguous copy updated in its place)
     written: list  # the tensors the kernel writes: parameters (or their copies) and states
     read: list  # the gradients: keeps a contiguous copy alive while the kernel reads its address
+    numel: list  # elements per parameter
 
 
 def _contiguous(t: torch.Tensor, batch: _Batch) -> torch.Tensor:
@@ -76,39 +79,54 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
 
     ``states``: three lists (one per state slot; None for a slot that is off), each of
     Quantized or None per parameter; ``extras``: per parameter, the rule's ``(e0, e1)``.
-    Yields the kernel's arguments after ``(parts, h, g_sign)`` and the batch.
+    Yields the kernel's arguments after ``(parts, h, g_sign)``, the batch's element count, and
+    the batch. (The loop below runs once per parameter per step: a step of many small
+    parameters spends most of its time in it and the checks before it.)
     """
     batches: dict[tuple, _Batch] = {}
+    first_column = _kernels().STATES  # state k's codes and absmax: columns first + 2k, + 1
+    on = [(first_column + 2 * k, state) for k, state in enumerate(states) if state is not None]
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if p.numel() == 0:
+        n = p.numel()
+        if n == 0:
             continue
-        g = g.contiguous()
-        batch = batches.get((p.dtype, g.dtype))
+        if not g.is_contiguous():
+            g = g.contiguous()
+        key = (p.dtype, g.dtype)
+        batch = batches.get(key)
         if batch is None:
-            like = (*quant_native.as_array(p.detach().reshape(-1)[:0]),
-                    *quant_native.as_array(g.reshape(-1)[:0]))
-            batch = batches[p.dtype, g.dtype] = _Batch(like, [], [], [], [], [], [])
-        work = _contiguous(p, batch)
-        row = [work.data_ptr(), g.data_ptr(), work.numel(), _seed(p, stochastic)]
-        for state in states:
-            q = None if state is None else state[i]
+            batch = batches[key] = _Batch(_like(*key), [], [], [], [], [], [], [])
+        work = p if p.is_contiguous() else _contiguous(p, batch)
+        seed = _seed(p, stochastic) if stochastic else 0
+        row = [work.data_ptr(), g.data_ptr(), n, seed, 0, 0, 0, 0, 0, 0]
+        for column, state in on:
+            q = state[i]
             if q is None:
-                row += [0, 0]
                 continue
-            absmax = _contiguous(q.absmax, batch)
-            row += [q.codes.data_ptr(), absmax.data_ptr()]
-            batch.written.extend((q.codes, absmax))
+            absmax = q.absmax if q.absmax.is_contiguous() else _contiguous(q.absmax, batch)
+            row[column] = q.codes.data_ptr()
+            row[column + 1] = absmax.data_ptr()
+            batch.written.append(q.codes)
+            batch.written.append(absmax)
         batch.rows.append(row)
-        batch.blocks.append(-(-work.numel() // block_size))
+        batch.blocks.append(-(-n // block_size))
         batch.extras.append(extras[i])
         batch.written.append(work)
         batch.read.append(g)
+        batch.numel.append(n)
     for batch in batches.values():
-        block_starts = np.zeros(len(batch.blocks) + 1, dtype=np.int64)
-        np.cumsum(batch.blocks, out=block_starts[1:])
+        block_starts = np.array([0, *itertools.accumulate(batch.blocks)], dtype=np.int64)
         tensors = np.array(batch.rows, dtype=np.int64)
         per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), 2)
-        yield (tensors, block_starts, per_tensor, *batch.like), batch
+        yield (tensors, block_starts, per_tensor, *batch.like), sum(batch.numel), batch
+
+
+@functools.cache
+def _like(p_dtype: torch.dtype, g_dtype: torch.dtype) -> tuple:
+    """``(p_like, p_fmt, g_like, g_fmt)``: empty arrays of a kernel's element types, and the
+    formats of half-precision elements (``quant._native.as_array``)."""
+    return (*quant_native.as_array(torch.empty(0, dtype=p_dtype)),
+            *quant_native.as_array(torch.empty(0, dtype=g_dtype)))
 
 
 def _scratch(count: int, block_size: int) -> np.ndarray:
@@ -127,7 +145,7 @@ def _books(states):
         if q is None:
             out.append(None)
             continue
-        if any(s is not None and s.codebook is not q.codebook for s in state):
+        if len({id(s.codebook) for s in state if s is not None}) > 1:
             raise ValueError("the fused CPU kernels need one codebook per state list")
         t = quant_native.code_table(q.codebook)
         if t.table is None:  # not for the dynamic maps the rules use
@@ -175,10 +193,9 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
                            f"the call gave {given}")
     books = _books(states)
     g_sign = _f32(-1.0 if maximize else 1.0)
-    for args, batch in _batches(params, grads, states, extras, block_size=block_size,
-                                stochastic=bf16_stochastic_rounding):
-        blocks = int(args[1][-1])
-        count = quant_native.parts(blocks, int(args[0][:, kernels.NUMEL].sum()))
+    for args, numel, batch in _batches(params, grads, states, extras, block_size=block_size,
+                                       stochastic=bf16_stochastic_rounding):
+        count = quant_native.parts(int(args[1][-1]), numel)
         common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books[:2],
                   *map(quant_native.address, books[2:4]), *books[4:], block_size)
         quant_native.run_parts(kernels.update_part, count, *common)
@@ -201,14 +218,12 @@ def adam(
     lr = _chunked.scalar(lr)
     decoupled = weight_decay != 0 and decoupled_weight_decay
     amsgrad = any(v is not None for v in max_exp_avg_sqs)
-    corrections = {}  # per distinct step count
-    for step_t in steps:
-        step = _chunked.scalar(step_t)
-        if step not in corrections:
-            # 1 / bias_correction2_sqrt rounded once (fp32 division): the kernel multiplies
-            corrections[step] = (_f32(1) / _f32((1 - beta2**step) ** 0.5),
-                                 _f32(-lr / (1 - beta1**step)))
-    extras = [corrections[_chunked.scalar(s)] for s in steps]
+    counts = [_chunked.scalar(s) for s in steps]
+    # per distinct step count; 1 / bias_correction2_sqrt rounded once (fp32 division): the
+    # kernel multiplies
+    corrections = {step: (_f32(1) / _f32((1 - beta2**step) ** 0.5), _f32(-lr / (1 - beta1**step)))
+                   for step in set(counts)}
+    extras = [corrections[step] for step in counts]
     k = _kernels()
     h = k.variant(k.AdamHyper, amsgrad=bool(amsgrad))(
         _f32(1 - lr * weight_decay if decoupled else 1.0),

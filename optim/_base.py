@@ -45,6 +45,11 @@ class StateSpec:
     signed: bool
     enabled: Callable[[dict], bool] = lambda group: True
 
+    @functools.cached_property
+    def codes(self) -> str:
+        """The state key of its 8-bit codes (``<name>_codes``; its absmax: ``<name>_absmax``)."""
+        return f"{self.name}_codes"
+
 
 @functools.lru_cache(maxsize=2)
 def zero_code(signed: bool) -> int:
@@ -256,9 +261,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
             eight_bit = self._is_8bit(p, group)
         else:
-            eight_bit = f"{self.state_specs[0].name}_codes" in state
+            eight_bit = self.state_specs[0].codes in state
         for spec in self.state_specs:
-            if not spec.enabled(group) or spec.name in state or f"{spec.name}_codes" in state:
+            if spec.codes in state or spec.name in state or not spec.enabled(group):
                 continue
             if _distributed.is_sharded(p):  # DTensor states that DCP can reshard
                 state.update(_distributed.fresh_state(
@@ -296,6 +301,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         for params in work:
             for p in params:
                 check_grad(p, p.grad)
+        codes = self.state_specs[0].codes
         for group, group_params in zip(self.param_groups, work, strict=True):
             # One functional call per (device, 8-bit or not): each call sees a single device.
             buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
@@ -304,7 +310,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 self._fill_state(p, group, state)
                 steps.append(state["step"])
-                key = (local_tensor(p).device, f"{self.state_specs[0].name}_codes" in state)
+                key = (local_tensor(p).device, codes in state)
                 params, grads, states = buckets[key]
                 for local, grad, local_state in _distributed.step_views(
                     p, state, group["block_size"]
