@@ -9,8 +9,8 @@ and rounding are IEEE fp32, as in the torch path, the oracle these kernels are t
 
 Two search paths find nearest codes: the portable one below (:func:`nearest_code`), and, where
 the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`; each kernel chooses with one
-``if`` on the VBMI tables' address, ``None`` where the path is off: numba then compiles the
-kernel without the VBMI loop, and one with (a variant of its own). Half-precision tensors arrive as
+``if`` on the VBMI tables' address, ``None`` where the path is off: numba compiles a variant
+of the kernel per path, holding only that path's loop. Half-precision tensors arrive as
 ``uint16`` bit patterns with a format flag, :data:`F16` or :data:`BF16` (numba has no CPU
 float16 or bfloat16).
 """
