@@ -62,7 +62,6 @@ class _Batch(NamedTuple):
     copies: list  # (tensor, contiguous copy updated in its place)
     written: list  # the tensors the kernel writes: parameters (or their copies) and states
     read: list  # the gradients: keeps a contiguous copy alive while the kernel reads its address
-    numel: list  # elements per parameter
 
 
 def _contiguous(t: torch.Tensor, batch: _Batch) -> torch.Tensor:
@@ -79,9 +78,9 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
 
     ``states``: three lists (one per state slot; None for a slot that is off), each of
     Quantized or None per parameter; ``extras``: per parameter, the rule's ``(e0, e1)``.
-    Yields the kernel's arguments after ``(parts, h, g_sign)``, the batch's element count, and
-    the batch. (The loop below runs once per parameter per step: a step of many small
-    parameters spends most of its time in it and the checks before it.)
+    Yields the kernel's arguments after ``(parts, h, g_sign)`` and the batch. (The loop below
+    runs once per parameter per step: a step of many small parameters spends most of its time
+    in it and the checks before it.)
     """
     batches: dict[tuple, _Batch] = {}
     first_column = _kernels().STATES  # state k's codes and absmax: columns first + 2k, + 1
@@ -90,20 +89,18 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         n = p.numel()
         if n == 0:
             continue
-        if not g.is_contiguous():
-            g = g.contiguous()
+        g = g.contiguous()
         key = (p.dtype, g.dtype)
         batch = batches.get(key)
         if batch is None:
-            batch = batches[key] = _Batch(_like(*key), [], [], [], [], [], [], [])
-        work = p if p.is_contiguous() else _contiguous(p, batch)
-        seed = _seed(p, stochastic) if stochastic else 0
-        row = [work.data_ptr(), g.data_ptr(), n, seed, 0, 0, 0, 0, 0, 0]
+            batch = batches[key] = _Batch(_like(*key), [], [], [], [], [], [])
+        work = _contiguous(p, batch)
+        row = [work.data_ptr(), g.data_ptr(), n, _seed(p, stochastic), 0, 0, 0, 0, 0, 0]
         for column, state in on:
             q = state[i]
             if q is None:
                 continue
-            absmax = q.absmax if q.absmax.is_contiguous() else _contiguous(q.absmax, batch)
+            absmax = _contiguous(q.absmax, batch)
             row[column] = q.codes.data_ptr()
             row[column + 1] = absmax.data_ptr()
             batch.written.append(q.codes)
@@ -113,12 +110,11 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         batch.extras.append(extras[i])
         batch.written.append(work)
         batch.read.append(g)
-        batch.numel.append(n)
     for batch in batches.values():
         block_starts = np.array([0, *itertools.accumulate(batch.blocks)], dtype=np.int64)
         tensors = np.array(batch.rows, dtype=np.int64)
         per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), 2)
-        yield (tensors, block_starts, per_tensor, *batch.like), sum(batch.numel), batch
+        yield (tensors, block_starts, per_tensor, *batch.like), batch
 
 
 @functools.cache
@@ -193,9 +189,9 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
                            f"the call gave {given}")
     books = _books(states)
     g_sign = _f32(-1.0 if maximize else 1.0)
-    for args, numel, batch in _batches(params, grads, states, extras, block_size=block_size,
-                                       stochastic=bf16_stochastic_rounding):
-        count = quant_native.parts(int(args[1][-1]), numel)
+    for args, batch in _batches(params, grads, states, extras, block_size=block_size,
+                                stochastic=bf16_stochastic_rounding):
+        count = quant_native.parts(int(args[1][-1]), int(args[0][:, kernels.NUMEL].sum()))
         common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books[:2],
                   *map(quant_native.address, books[2:4]), *books[4:], block_size)
         quant_native.run_parts(kernels.update_part, count, *common)

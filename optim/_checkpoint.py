@@ -132,7 +132,7 @@ def prepare_param_state(optimizer, state: Any, p: torch.Tensor, group: dict, pid
     if not isinstance(state, dict):
         raise TypeError(f"the state of parameter {pid!r} must be a dict, got "
                         f"{type(state).__name__}")
-    eight_bit = f"{optimizer.state_specs[0].name}_codes" in state
+    eight_bit = optimizer.state_specs[0].codes in state
     expected = expected_state(optimizer, p, group, eight_bit)
     unknown = set(state) - set(expected) - {"step"}
     required = {k for k, (_, _, spec) in expected.items() if spec.enabled(group)} | {"step"}
