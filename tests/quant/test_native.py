@@ -512,6 +512,60 @@ def _sweep_kernel():
     return sweep
 
 
+def _needs_vbmi():
+    from eightbit.quant import _vbmi
+
+    if not _vbmi.compiled_with_vbmi():
+        pytest.skip("encode64 runs only on a CPU with AVX-512 VBMI; its search table is checked "
+                    "on every CPU by test_the_search_table_read_as_documented_gives_exact_codes")
+
+
+def _search_model(search: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The codes encode64 finds for fp32 ``y`` (|y| <= 1), read from ``search`` the way
+    ``quant._vbmi.search_table`` documents it, in numpy: the table's meaning, checked on every
+    CPU (encode64, the same reading in AVX-512 VBMI registers, runs only where the CPU has it)."""
+    from eightbit.quant import _vbmi
+
+    u = y.astype(np.float32).view(np.uint32)
+    key = np.where(u >> 31 == 1, ~u, u | np.uint32(0x80000000)).astype(np.uint32)
+    row = np.clip((key >> 23) & 0xFF, 64, 191)  # the sign and octave; tiny octaves share a row
+    control = search[_vbmi.SEARCH_CONTROL + (row & 127)].astype(np.uint32)
+    first = search[_vbmi.SEARCH_FIRST + (row & 127)].astype(np.uint32)
+    shift = control & 7  # 7 minus the mantissa bits that pick the cell
+    field = (((key >> 16) & 0xFF) >> shift) & ((np.uint32(1) << (7 - shift)) - 1)
+    cell = ((first + field) & 0xFF) | ((control >> 7) << 8)
+    j = search[_vbmi.SEARCH_COMPARE + cell].astype(np.uint32)
+    threshold = sum(search[_vbmi.SEARCH_KEYS + 256 * k + j].astype(np.uint32) << (8 * k)
+                    for k in range(3))
+    above = (key & 0xFFFFFF) > threshold
+    return (j + (above & (control & 0x40 == 0))).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
+def test_the_search_table_read_as_documented_gives_exact_codes(name, signed):
+    # On every CPU: the register search's table, read as search_table documents (a numpy model,
+    # _search_model), gives np.searchsorted's code (an independent oracle) on the values where
+    # it could go wrong (every threshold, its neighbours, every cell edge) and a strided sweep
+    # of all fp32 values in [-1, 1]; where the CPU has VBMI the tests below run encode64 itself.
+    codebook = create_codebook(name, signed=signed)
+    mids = midpoints(codebook).numpy()
+    search = _vbmi_search(mids)
+    assert search.size == 1536, "every built-in codebook fits the register search"
+    values = _edge_values(codebook)
+    wrong = np.flatnonzero(_search_model(search, values) != np.searchsorted(mids, values))
+    assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_search_table_model_is_exact_on_structured_codebooks(seed):
+    codebook = _structured_codebook(seed)
+    mids = midpoints(codebook).numpy()
+    values = _edge_values(codebook)
+    codes = _search_model(_vbmi_search(mids), values)
+    wrong = np.flatnonzero(codes != np.searchsorted(mids, values))
+    assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
 def test_the_register_search_agrees_with_the_table_on_every_fp32_value(name, signed):
@@ -519,6 +573,7 @@ def test_the_register_search_agrees_with_the_table_on_every_fp32_value(name, sig
     # the others: the three-level byte search of quant._vbmi.encode64 must give the
     # nearest-code table's code exactly; on the unsigned maps, with rule (b)'s floor (the code
     # after zero's for every positive value) as the optimizer states use them.
+    _needs_vbmi()
     t = _native.code_table(create_codebook(name, signed=signed))
     assert _vbmi_search(t.mids).size == 1536, "every built-in codebook fits the register search"
     stride = 1 if name == "dynamic" else 7
@@ -595,6 +650,7 @@ def _edge_values(codebook: torch.Tensor) -> np.ndarray:
 def test_the_register_search_is_exact_on_structured_codebooks(seed):
     # Against np.searchsorted (an independent oracle: the number of thresholds below y), on the
     # values where the search could go wrong, for codebooks built to exercise its edge cases.
+    _needs_vbmi()
     codebook = _structured_codebook(seed)
     assert codebook is not None
     mids = midpoints(codebook).numpy()
