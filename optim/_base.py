@@ -47,8 +47,13 @@ class StateSpec:
 
     @functools.cached_property
     def codes(self) -> str:
-        """The state key of its 8-bit codes (``<name>_codes``; its absmax: ``<name>_absmax``)."""
+        """The state key of its 8-bit codes: ``<name>_codes``."""
         return f"{self.name}_codes"
+
+    @functools.cached_property
+    def absmax(self) -> str:
+        """The state key of its blocks' absmax: ``<name>_absmax``."""
+        return f"{self.name}_absmax"
 
 
 @functools.lru_cache(maxsize=2)
@@ -270,10 +275,10 @@ class Optimizer8bit(torch.optim.Optimizer):
                     p, spec.name, zero_code(spec.signed), torch.float32, eight_bit,
                     group["block_size"]))
             elif eight_bit:
-                state[f"{spec.name}_codes"] = torch.full(
+                state[spec.codes] = torch.full(
                     local.shape, zero_code(spec.signed), dtype=torch.uint8, device=local.device
                 )
-                state[f"{spec.name}_absmax"] = torch.zeros(
+                state[spec.absmax] = torch.zeros(
                     _distributed.absmax_shape(local, group["block_size"]), device=local.device
                 )
             else:
@@ -331,7 +336,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         """Per state spec: [codes, absmax] lists (8-bit) or one fp32 list; ``None`` when off."""
         out = []
         for spec in self.state_specs:
-            keys = [f"{spec.name}_codes", f"{spec.name}_absmax"] if eight_bit else [spec.name]
+            keys = [spec.codes, spec.absmax] if eight_bit else [spec.name]
             for key in keys:
                 out.append([s[key] for s in states] if all(key in s for s in states) else None)
         return out

@@ -43,8 +43,8 @@ def expected_state(optimizer, p: torch.Tensor, group: dict, eight_bit: bool) -> 
     out = {}
     for spec in optimizer.state_specs:
         if eight_bit:
-            out[f"{spec.name}_codes"] = (torch.uint8, {p.shape}, spec)
-            out[f"{spec.name}_absmax"] = (torch.float32, absmax, spec)
+            out[spec.codes] = (torch.uint8, {p.shape}, spec)
+            out[spec.absmax] = (torch.float32, absmax, spec)
         else:
             out[spec.name] = (torch.float32, {p.shape}, spec)
     return out

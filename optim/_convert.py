@@ -92,7 +92,7 @@ def to_torch_state_dict(optimizer: Optimizer8bit) -> dict:
     for pid, s in saved["state"].items():
         out = {"step": s["step"].detach().to("cpu", copy=True)} if entry.keeps_step else {}
         for spec in optimizer.state_specs:
-            codes, absmax = s.get(f"{spec.name}_codes"), s.get(f"{spec.name}_absmax")
+            codes, absmax = s.get(spec.codes), s.get(spec.absmax)
             if codes is not None:
                 out[spec.name] = dequantize_blockwise(
                     codes, absmax, block_size=group_of_id[pid]["block_size"], dtype=torch.float32,
@@ -215,5 +215,5 @@ def _quantized_state(optimizer: Optimizer8bit, state: dict, p: torch.Tensor, gro
         if not spec.signed:  # issue 17's rule (b): a positive value never decodes to 0
             zero = codebook.abs().argmin()
             codes = torch.where((codes == zero) & (value > 0), zero + 1, codes).to(torch.uint8)
-        out[f"{spec.name}_codes"], out[f"{spec.name}_absmax"] = codes, q.absmax
+        out[spec.codes], out[spec.absmax] = codes, q.absmax
     return out
