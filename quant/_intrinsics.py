@@ -288,8 +288,8 @@ def _ptr(builder, address, element):
     return builder.inttoptr(address, element.as_pointer())
 
 
-def _gather(builder, base, index, element):
-    """``base[index]`` for 16 i32 indices (``base`` a pointer to ``element``).
+def _gather(builder, base, index):
+    """``base[index]`` for 16 i32 indices (``base`` a pointer to i32 table entries).
 
     The addresses are one vector getelementptr of the scalar base with the 32-bit indices, the
     form LLVM turns into one gather with 32-bit indices (vpgatherdd: 16 lanes on AVX-512, 8 on
@@ -298,13 +298,13 @@ def _gather(builder, base, index, element):
     set here.
     """
     if _avx2_gathers():
-        return _gather_avx2(builder, base, index, element)
-    pointers = builder.gep(base, [index], source_etype=element)
+        return _gather_avx2(builder, base, index)
+    pointers = builder.gep(base, [index], source_etype=_I32)
     pointers.type = _vec(base.type)
     mask = ir.Constant(_vec(ir.IntType(1)), [ir.Constant(ir.IntType(1), 1)] * _LANES)
-    vec_t = _vec(element)
-    name = f"llvm.masked.gather.v16{'f32' if element == ir.FloatType() else 'i32'}.v16p0"
-    fn = _function(builder, name, vec_t, [pointers.type, _I32, mask.type, vec_t])
+    vec_t = _vec(_I32)
+    fn = _function(builder, "llvm.masked.gather.v16i32.v16p0", vec_t,
+                   [pointers.type, _I32, mask.type, vec_t])
     return builder.call(fn, [pointers, ir.Constant(_I32, 4), mask,
                              ir.Constant(vec_t, ir.Undefined)])
 
@@ -312,25 +312,22 @@ def _gather(builder, base, index, element):
 def _avx2_gathers() -> bool:
     """Whether to spell gathers as AVX2's vpgatherdd: on AVX2 targets without AVX-512, where
     LLVM's cost model turns llvm.masked.gather into 16 scalar loads for most CPUs (znver*,
-    haswell), although the instruction is faster."""
+    haswell), which made the encode slower even on a Zen 3 (docs/cpu-kernels.md)."""
     features = compiled_features()
     return "avx2" in features and "avx512f" not in features
 
 
-def _gather_avx2(builder, base, index, element):
+def _gather_avx2(builder, base, index):
     """``base[index]`` for 16 i32 indices as two 8-lane AVX2 gathers."""
-    v8 = ir.VectorType(element, 8)
-    suffix = "ps" if element == ir.FloatType() else "d"
+    v8 = ir.VectorType(_I32, 8)
     i8p = ir.IntType(8).as_pointer()
-    fn = _function(builder, f"llvm.x86.avx2.gather.d.{suffix}.256", v8,
-                   [v8, i8p, ir.VectorType(_I32, 8), v8, ir.IntType(8)])
-    ones = ir.Constant(ir.VectorType(_I32, 8), [ir.Constant(_I32, -1)] * 8)
-    mask = builder.bitcast(ones, v8)
+    fn = _function(builder, "llvm.x86.avx2.gather.d.d.256", v8, [v8, i8p, v8, v8, ir.IntType(8)])
+    ones = ir.Constant(v8, [ir.Constant(_I32, -1)] * 8)
     at = builder.bitcast(base, i8p)
     halves = []
     for h in range(2):
         idx = builder.shuffle_vector(index, index, _indices(range(8 * h, 8 * h + 8)))
-        halves.append(builder.call(fn, [ir.Constant(v8, ir.Undefined), at, idx, mask,
+        halves.append(builder.call(fn, [ir.Constant(v8, ir.Undefined), at, idx, ones,
                                         ir.Constant(ir.IntType(8), 4)]))
     return builder.shuffle_vector(halves[0], halves[1], _indices(range(16)))
 
@@ -378,7 +375,7 @@ def nearest_codes16(typingctx, values, scale, table, codes, floor):
                                          f32v.as_pointer()), align=4)
         u = builder.bitcast(builder.fdiv(x, _splat(builder, scale_v)), _vec(_I32))
         low = builder.and_(builder.xor(u, builder.ashr(u, _words(31))), _words(0xFFFF))
-        entry = _gather(builder, _ptr(builder, table_v, _I32), builder.lshr(u, _words(16)), _I32)
+        entry = _gather(builder, _ptr(builder, table_v, _I32), builder.lshr(u, _words(16)))
         code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)),
                              _vec(ir.IntType(8)))
         code = raise_positive(builder, code, [u], floor_v)
