@@ -180,7 +180,8 @@ def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, s
 def decode_block(codes_at, start, end, codebook_at, planes_at, scale, out_at):
     """``out[: end - start] = codebook[codes[start:end]] * scale`` (addresses; fp32 ``out``),
     by VBMI where ``planes_at`` (an address or ``None``, as ``search_at`` of
-    :func:`encode_block`) is given, else 16 codes at a time by gathers."""
+    :func:`encode_block`) is given, else 16 codes at a time by scalar loads
+    (:func:`._intrinsics.decode16`)."""
     base = out_at - 4 * np.int64(start)
     full = start
     if planes_at is not None:
