@@ -272,7 +272,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                 continue
             if _distributed.is_sharded(p):  # DTensor states that DCP can reshard
                 state.update(_distributed.fresh_state(
-                    p, spec.name, zero_code(spec.signed), torch.float32, eight_bit,
+                    p, spec, zero_code(spec.signed), torch.float32, eight_bit,
                     group["block_size"]))
             elif eight_bit:
                 state[spec.codes] = torch.full(

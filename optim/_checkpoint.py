@@ -151,8 +151,7 @@ def prepare_param_state(optimizer, state: Any, p: torch.Tensor, group: dict, pid
             out[key] = value
     # into this run's layout (resharded, or requantized where blocks were cut), still before
     # anything changes
-    signed = {spec.name: spec.signed for spec in optimizer.state_specs}
-    _distributed.restore_state(p, out, group["block_size"], signed)
+    _distributed.restore_state(p, out, group["block_size"], optimizer.state_specs)
     return out
 
 

@@ -119,13 +119,14 @@ def absmax_shape_sharded(p: torch.Tensor, block_size: int) -> tuple[int, ...]:
     return tuple(p.shape) or (1,)
 
 
-def fresh_state(p, key: str, fill: float, dtype: torch.dtype, eight_bit: bool,
+def fresh_state(p, spec, fill: float, dtype: torch.dtype, eight_bit: bool,
                 block_size: int) -> dict[str, torch.Tensor]:
-    """One state of a DTensor parameter: fp32 (``key``) or codes filled with ``fill`` + absmax."""
+    """One state of a DTensor parameter (``spec``, an ``_base.StateSpec``): fp32 (under its
+    name) or codes filled with ``fill`` + absmax (under ``spec.codes`` and ``spec.absmax``)."""
     local = p.to_local()
     if not eight_bit:
-        return {key: _wrap(p, torch.zeros(local.shape, dtype=dtype, device=local.device),
-                           p.shape)}
+        return {spec.name: _wrap(p, torch.zeros(local.shape, dtype=dtype, device=local.device),
+                                 p.shape)}
     _check_placements(p)
     codes = _wrap(p, torch.full(local.shape, fill, dtype=torch.uint8, device=local.device),
                   p.shape)
@@ -137,7 +138,7 @@ def fresh_state(p, key: str, fill: float, dtype: torch.dtype, eight_bit: bool,
         n = local.numel()
         absmax = torch.zeros(len(_segments_1d(_offset(p), n, block_size)) if n else 0,
                              device=local.device)
-    return {f"{key}_codes": codes, f"{key}_absmax": absmax}
+    return {spec.codes: codes, spec.absmax: absmax}
 
 
 def step_views(p: torch.Tensor, state: dict, block_size: int) -> Iterator[tuple]:
@@ -201,10 +202,10 @@ def portable_state(p: torch.Tensor, state: dict, block_size: int) -> dict:
     return out
 
 
-def restore_state(p: torch.Tensor, state: dict, block_size: int, signed: dict[str, bool]) -> None:
+def restore_state(p: torch.Tensor, state: dict, block_size: int, specs) -> None:
     """Turn a loaded state (``portable_state``'s form, any sharding) into ``p``'s layout, in place.
 
-    ``signed`` maps each 8-bit state name to its codebook's sign.
+    ``specs``: the optimizer's ``_base.StateSpec``s (their keys and codebook signs).
     """
     for key, value in list(state.items()):
         if key.endswith("_absmax") and _holds_flat_absmax(p, value, block_size):
@@ -221,8 +222,8 @@ def restore_state(p: torch.Tensor, state: dict, block_size: int, signed: dict[st
             state[key] = value
         elif is_sharded(value):
             state[key] = value.full_tensor()
-    for name, is_signed in signed.items():
-        codes_key, absmax_key = f"{name}_codes", f"{name}_absmax"
+    for spec in specs:
+        codes_key, absmax_key, is_signed = spec.codes, spec.absmax, spec.signed
         if absmax_key not in state:
             continue
         absmax = state[absmax_key]
