@@ -526,8 +526,7 @@ def _search_model(search: np.ndarray, y: np.ndarray) -> np.ndarray:
     CPU (encode64, the same reading in AVX-512 VBMI registers, runs only where the CPU has it)."""
     from eightbit.quant import _vbmi
 
-    u = y.astype(np.float32).view(np.uint32)
-    key = np.where(u >> 31 == 1, ~u, u | np.uint32(0x80000000)).astype(np.uint32)
+    key = _vbmi._order_keys(y)
     row = np.clip((key >> 23) & 0xFF, 64, 191)  # the sign and octave; tiny octaves share a row
     control = search[_vbmi.SEARCH_CONTROL + (row & 127)].astype(np.uint32)
     first = search[_vbmi.SEARCH_FIRST + (row & 127)].astype(np.uint32)
@@ -541,29 +540,31 @@ def _search_model(search: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (j + (above & (control & 0x40 == 0))).astype(np.uint8)
 
 
+def _assert_search_table_exact(codebook: torch.Tensor) -> None:
+    """The register search's table of ``codebook``, read by :func:`_search_model`, gives
+    np.searchsorted's code on :func:`_edge_values`."""
+    mids = midpoints(codebook).numpy()
+    search = _vbmi_search(mids)
+    assert search is not None and search.size == 1536, "the codebook fits the register search"
+    values = _edge_values(codebook)
+    wrong = np.flatnonzero(_search_model(search, values) != np.searchsorted(mids, values))
+    assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
+
+
 @pytest.mark.parametrize(("name", "signed"), CODEBOOKS)
 def test_the_search_table_read_as_documented_gives_exact_codes(name, signed):
     # On every CPU: the register search's table, read as search_table documents (a numpy model,
     # _search_model), gives np.searchsorted's code (an independent oracle) on the values where
     # it could go wrong (every threshold, its neighbours, every cell edge) and a strided sweep
     # of all fp32 values in [-1, 1]; where the CPU has VBMI the tests below run encode64 itself.
-    codebook = create_codebook(name, signed=signed)
-    mids = midpoints(codebook).numpy()
-    search = _vbmi_search(mids)
-    assert search.size == 1536, "every built-in codebook fits the register search"
-    values = _edge_values(codebook)
-    wrong = np.flatnonzero(_search_model(search, values) != np.searchsorted(mids, values))
-    assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
+    _assert_search_table_exact(create_codebook(name, signed=signed))
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_search_table_model_is_exact_on_structured_codebooks(seed):
     codebook = _structured_codebook(seed)
-    mids = midpoints(codebook).numpy()
-    values = _edge_values(codebook)
-    codes = _search_model(_vbmi_search(mids), values)
-    wrong = np.flatnonzero(codes != np.searchsorted(mids, values))
-    assert wrong.size == 0, f"{wrong.size} wrong, e.g. y={values[wrong[:4]]}"
+    assert codebook is not None
+    _assert_search_table_exact(codebook)
 
 
 @pytest.mark.slow
