@@ -2,21 +2,23 @@
 
 The driver (:func:`update_part`) does, per block of every parameter in the call: locate the
 block (the parameters' blocks are one sequence, :func:`locate`), dequantize the states into
-fp32 scratch, call the optimizer's rule per element, store the parameter, apply issue 17's
-rule (a) (an element whose fresh states are not all finite gets 0.0 in every state), keep each
-state's absmax, and requantize each state (rule (b) for states on the unsigned map: see
-``quant._numba.encode_block``). ``quant._native.run_parts`` runs its parts on threads.
+fp32 scratch, run the block's element loop (:func:`apply_rule`: the optimizer's rule per
+element, the parameter stored, issue 17's rule (a): an element whose fresh states are not all
+finite gets 0.0 in every state, each state's absmax kept), and requantize each state (rule (b)
+for states on the unsigned map: see ``quant._numba.encode_block``).
+``quant._native.run_parts`` runs its parts on threads.
 
-A rule is a plain function ``rule(h, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
+A rule is a plain function ``rule(h, f, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
 scalars holding the whole update of one element, as the CUDA ``*Rule::update`` does
 (functional/cuda/*.cu): ``h`` is the optimizer's hyperparameter record (a NamedTuple of fp32
-values and flags, whose type selects the rule at compile time, :func:`rule`), ``s0..s2`` the
-dequantized states (a state the variant does not use is returned as 0), ``e0, e1`` the
-per-parameter values of this step (Adam's bias corrections, SGD's first-step flag, Adagrad's
-step size). The arithmetic is the torch path's (``functional/adam.py`` ...) operation for
-operation, with the same fused multiply-adds as torch's CPU kernels (lerp, addcmul,
-``add(..., alpha=)``); sqrt here is IEEE, torch's CPU sqrt is not always correctly rounded, so
-a parameter may differ in its last ulps (bounds in tests/functional/test_native.py).
+values, whose class selects the rule and its variant's flags ``f`` at compile time,
+:func:`apply_rule`), ``s0..s2`` the dequantized states (a state the variant does not use is
+returned as 0), ``e0, e1`` the per-parameter values of this step (Adam's bias corrections,
+SGD's first-step flag, Adagrad's step size). The arithmetic is the torch path's
+(``functional/adam.py`` ...) operation for operation, with the same fused multiply-adds as
+torch's CPU kernels (lerp, addcmul, ``add(..., alpha=)``); sqrt here is IEEE, torch's CPU sqrt
+is not always correctly rounded, so a parameter may differ in its last ulps (bounds in
+tests/functional/test_native.py).
 Hyperparameters arrive rounded to fp32 exactly as torch rounds Python scalars.
 """
 
@@ -47,7 +49,7 @@ F32 = np.float32
 
 # A rule's variants (AMSGrad, momentum, centered, Nesterov) are flags on its record's class,
 # not fields: the class is part of the kernel's type, so each variant compiles its own loop
-# with the flags as constants (:func:`rule`), and :func:`variant` picks the class.
+# with the flags as constants (:func:`apply_rule`), and :func:`variant` picks the class.
 
 
 class AdamHyper(NamedTuple):
@@ -245,20 +247,68 @@ def slots_of(record: type) -> tuple[bool, bool, bool]:
     raise TypeError(f"{record.__name__} is not a hyperparameter record of a rule")
 
 
-def rule(h, p, g, s0, s1, s2, e0, e1):
-    """The rule of ``h``'s optimizer and variant (chosen by the class of ``h`` when a kernel
-    compiles; the variant's flags are constants in the compiled loop)."""
+def apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
+    """One block's element loop: ``p[start:end]`` and the states ``s0..s2[: end - start]``
+    (the slots ``h``'s rule uses, :func:`slots_of`) updated in place by ``h``'s rule and
+    variant, then issue 17's rule (a): an element whose fresh states are not all finite
+    restarts at 0 in all of them. Returns the states' max :func:`abs_bits`.
+
+    Compiled per class of ``h``: the rule, its variant's flags and the slots it uses are
+    constants in the compiled loop (a slot the variant does not use costs no load or store).
+    A function of its own, called once per block, because numba types a function inlined from
+    an overload three times (compiled for its signature, typed again to be inlined, inlined);
+    the rule is typed once here, which cut about a tenth off a kernel's first compile
+    (docs/cpu-kernels.md).
+    """
 
 
-@overload(rule, inline="always")
-def _rule(h, p, g, s0, s1, s2, e0, e1):
+@overload(apply_rule, jit_options={"error_model": "numpy"})
+def _apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
     cls = getattr(h, "instance_class", None)
-    for family, (update, names, _) in RULES.items():
-        if isinstance(cls, type) and issubclass(cls, family):
-            f = tuple(getattr(cls, name) for name in names)
-            return lambda h, p, g, s0, s1, s2, e0, e1: update(h, f, p, g, s0, s1, s2, e0, e1)
-    return None
+    family = next((f for f in RULES if isinstance(cls, type) and issubclass(cls, f)), None)
+    if family is None:
+        return None
+    update, names, _ = RULES[family]
+    f = tuple(getattr(cls, name) for name in names)
+    used0, used1, used2 = slots_of(cls)
 
+    def loop(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
+        mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+        for i in range(start, end):
+            j = i - start
+            pi, a, c, d = update(h, f, load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
+                                 s0[j] if used0 else ZERO, s1[j] if used1 else ZERO,
+                                 s2[j] if used2 else ZERO, e0, e1)
+            store_param(p, i, pi, p_fmt, seed)
+            # (the streams of unused slots cost a sixth of an Adam8bit step)
+            if used0:
+                s0[j] = a
+            if used1:
+                s1[j] = c
+            if used2:
+                s2[j] = d
+            mag0 = umax(mag0, abs_bits(a))
+            mag1 = umax(mag1, abs_bits(c))
+            mag2 = umax(mag2, abs_bits(d))
+        if umax(umax(mag0, mag1), mag2) < INF_BITS:
+            return mag0, mag1, mag2
+        # A fresh state is not finite (rare): rule (a) in a pass of its own, taken only when
+        # the block's max says so, costs nothing in the common case (in the loop above, a
+        # tenth of a step).
+        mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+        for j in range(end - start):
+            a = s0[j] if used0 else ZERO
+            c = s1[j] if used1 else ZERO
+            d = s2[j] if used2 else ZERO
+            if (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (abs_bits(d) >= INF_BITS):
+                s0[j] = s1[j] = s2[j] = ZERO  # (an unused slot's scratch is never encoded)
+            else:
+                mag0 = umax(mag0, abs_bits(a))
+                mag1 = umax(mag1, abs_bits(c))
+                mag2 = umax(mag2, abs_bits(d))
+        return mag0, mag1, mag2
+
+    return loop
 
 def slots(h):
     """Which of the three state slots ``h``'s rule uses (:func:`slots_of` its class): constants
@@ -309,26 +359,6 @@ def locate(b, tensor, block_starts):
     return tensor
 
 
-@inline
-def restart_nonfinite(h, s0, s1, s2, n):
-    """Issue 17's rule (a) on a block's fresh states ``s0..s2[:n]`` (the slots ``h`` uses): an
-    element with a state that is not finite restarts at 0 in all of them. Returns the states'
-    max :func:`abs_bits` after it. A pass of its own, taken only when a block's max says so,
-    costs nothing in the common case (in the element loop it cost a tenth of a step)."""
-    used0, used1, used2 = slots(h)
-    mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
-    for j in range(n):
-        a = s0[j] if used0 else ZERO
-        c = s1[j] if used1 else ZERO
-        d = s2[j] if used2 else ZERO
-        if (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (abs_bits(d) >= INF_BITS):
-            s0[j] = s1[j] = s2[j] = ZERO  # (an unused slot's scratch is never encoded)
-        else:
-            mag0, mag1, mag2 = umax(mag0, abs_bits(a)), umax(mag1, abs_bits(c)), umax(
-                mag2, abs_bits(d))
-    return mag0, mag1, mag2
-
-
 @part_kernel
 def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like,
                 p_fmt, g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes,
@@ -346,7 +376,6 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
     s_at = address(scratch[part])
     codebooks_at, tables_at = address(codebooks), address(tables)
     first, last = part_blocks(part, parts, block_starts[-1])
-    used0, used1, used2 = slots(h)
     t = np.int64(0)
     for b in range(first, last):
         t = locate(b, t, block_starts)
@@ -361,24 +390,8 @@ def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scrat
                 decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
                              offset(planes_at, PLANES_BYTES * k),
                              absmax[lb], s_at + 4 * block_size * k)
-        mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
-        for i in range(start, end):
-            j = i - start
-            pi, a, c, d = rule(h, load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
-                               s0[j] if used0 else ZERO, s1[j] if used1 else ZERO,
-                               s2[j] if used2 else ZERO, e0, e1)
-            store_param(p, i, pi, p_fmt, seed)
-            # (the streams of unused slots cost a sixth of an Adam8bit step)
-            if used0:
-                s0[j] = a
-            if used1:
-                s1[j] = c
-            if used2:
-                s2[j] = d
-            mag0, mag1, mag2 = umax(mag0, abs_bits(a)), umax(mag1, abs_bits(c)), umax(
-                mag2, abs_bits(d))
-        if umax(umax(mag0, mag1), mag2) >= INF_BITS:  # a fresh state is not finite: rare
-            mag0, mag1, mag2 = restart_nonfinite(h, s0, s1, s2, end - start)
+        mag0, mag1, mag2 = apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1,
+                                      s2, e0, e1)
         for k in range(3):
             if tensors[t, STATES + 2 * k] != 0:
                 mag = mag0 if k == 0 else mag1 if k == 1 else mag2
