@@ -37,7 +37,8 @@ from ..quant._numba import (
     decode_block,
     encode_block,
     inline,
-    load,
+    load_f32,
+    load_half,
     part_blocks,
     part_kernel,
     view,
@@ -271,12 +272,15 @@ def _apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0,
     update, names, _ = RULES[family]
     f = tuple(getattr(cls, name) for name in names)
     used0, used1, used2 = slots_of(cls)
+    # chosen here rather than by overloads in the loop: an overload is one more compile
+    load_p, load_g = (load_f32 if x.dtype == types.float32 else load_half for x in (p, g))
+    store_param = store_f32 if p.dtype == types.float32 else store_half
 
     def loop(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
         mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
         for i in range(start, end):
             j = i - start
-            pi, a, c, d = update(h, f, load(p, i, p_fmt), load(g, i, g_fmt) * g_sign,
+            pi, a, c, d = update(h, f, load_p(p, i, p_fmt), load_g(g, i, g_fmt) * g_sign,
                                  s0[j] if used0 else ZERO, s1[j] if used1 else ZERO,
                                  s2[j] if used2 else ZERO, e0, e1)
             store_param(p, i, pi, p_fmt, seed)
@@ -310,38 +314,18 @@ def _apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0,
 
     return loop
 
-def slots(h):
-    """Which of the three state slots ``h``'s rule uses (:func:`slots_of` its class): constants
-    in the compiled loop, so a slot the variant does not use costs no load or store."""
+@inline
+def store_f32(p, i, value, fmt, seed):
+    """``p[i] = value`` (an fp32 parameter): the fp32 loop carries no hash in registers."""
+    p[i] = value
 
 
-@overload(slots, inline="always")
-def _slots(h):
-    cls = getattr(h, "instance_class", None)
-    if not (isinstance(cls, type) and issubclass(cls, tuple(RULES))):
-        return None
-    first, second, third = slots_of(cls)
-    return lambda h: (first, second, third)
-
-
-def store_param(p, i, value, fmt, seed):
-    """Write a parameter element; ``seed != 0`` (given only for bf16 parameters:
-    ``functional._native._seed``) rounds it stochastically (:func:`stochastic_bf16`)."""
-
-
-@overload(store_param, inline="always")
-def _store_param(p, i, value, fmt, seed):
-    if p.dtype == types.float32:  # a plain store: the fp32 loop carries no hash in registers
-
-        def plain(p, i, value, fmt, seed):
-            p[i] = value
-
-        return plain
-
-    def rounded(p, i, value, fmt, seed):  # (store's body, not a call: one compile less)
-        p[i] = stochastic_bf16(value, seed, i) if seed != 0 else np.uint16(f32_to_half(value, fmt))
-
-    return rounded
+@inline
+def store_half(p, i, value, fmt, seed):
+    """``p[i]`` = fp32 ``value`` as half-precision bits (format ``fmt``); ``seed != 0`` (given
+    only for bf16 parameters: ``functional._native._seed``) rounds it stochastically
+    (:func:`stochastic_bf16`)."""
+    p[i] = stochastic_bf16(value, seed, i) if seed != 0 else np.uint16(f32_to_half(value, fmt))
 
 
 # The tensor table: one int64 row per parameter; state k's codes and absmax addresses at

@@ -52,15 +52,25 @@ inline = njit(inline="always", cache=True, error_model="numpy")
 block_helper = njit(cache=True, nogil=True, error_model="numpy")
 
 
+@inline
+def load_f32(x, i, fmt):
+    """``x[i]`` of an fp32 array."""
+    return x[i]
+
+
+@inline
+def load_half(x, i, fmt):
+    """``x[i]`` of half-precision bits in format ``fmt``, as fp32."""
+    return half_to_f32(x[i], fmt)
+
+
 def load(x, i, fmt):
     """``x[i]`` as fp32 (``x`` float32, or uint16 bits in format ``fmt``)."""
 
 
 @overload(load, inline="always")
 def _load(x, i, fmt):
-    if x.dtype == types.float32:
-        return lambda x, i, fmt: x[i]
-    return lambda x, i, fmt: half_to_f32(x[i], fmt)
+    return (load_f32 if x.dtype == types.float32 else load_half).py_func
 
 
 def store(x, i, value, fmt):
@@ -85,7 +95,7 @@ def _store(x, i, value, fmt):
 @inline
 def view(address, n, like):
     """The 1-D array of ``n`` elements at integer ``address`` (dtype of ``like``)."""
-    return carray(pointer(address, like), n)
+    return carray(pointer(address, like), np.int64(n))  # one carray compile per dtype
 
 
 @inline
