@@ -1,18 +1,18 @@
 """Numba kernels of the fused CPU update rules: one generic block driver, one rule per optimizer.
 
-The driver (:func:`update_part`) does, per block of every parameter in the call: locate the
-block (the parameters' blocks are one sequence, :func:`locate`), dequantize the states into
-fp32 scratch, run the block's element loop (:func:`apply_rule`: the optimizer's rule per
-element, the parameter stored, issue 17's rule (a): an element whose fresh states are not all
-finite gets 0.0 in every state, each state's absmax kept), and requantize each state (rule (b)
-for states on the unsigned map: see ``quant._numba.encode_block``).
+The driver (:func:`update_part`, one kernel per rule variant built from one source) does,
+per block of every parameter in the call: locate the block (the parameters' blocks are one
+sequence, :func:`locate`), dequantize the states into fp32 scratch, call the optimizer's rule
+per element, store the parameter, apply issue 17's rule (a) (an element whose fresh states are
+not all finite gets 0.0 in every state), keep each state's absmax, and requantize each state
+(rule (b) for states on the unsigned map: see ``quant._numba.encode_block``).
 ``quant._native.run_parts`` runs its parts on threads.
 
 A rule is a plain function ``rule(h, f, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
 scalars holding the whole update of one element, as the CUDA ``*Rule::update`` does
 (functional/cuda/*.cu): ``h`` is the optimizer's hyperparameter record (a NamedTuple of fp32
 values, whose class selects the rule and its variant's flags ``f`` at compile time,
-:func:`apply_rule`), ``s0..s2`` the dequantized states (a state the variant does not use is
+:func:`update_part`), ``s0..s2`` the dequantized states (a state the variant does not use is
 returned as 0), ``e0, e1`` the per-parameter values of this step (Adam's bias corrections,
 SGD's first-step flag, Adagrad's step size). The arithmetic is the torch path's
 (``functional/adam.py`` ...) operation for operation, with the same fused multiply-adds as
@@ -24,11 +24,11 @@ Hyperparameters arrive rounded to fp32 exactly as torch rounds Python scalars.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import types, uint32
-from numba.extending import overload
+from numba import uint32
 
 from ..quant._intrinsics import abs_bits, f32_to_half, fma, offset, stochastic_bf16, umax
 from ..quant._numba import (
@@ -50,7 +50,7 @@ F32 = np.float32
 
 # A rule's variants (AMSGrad, momentum, centered, Nesterov) are flags on its record's class,
 # not fields: the class is part of the kernel's type, so each variant compiles its own loop
-# with the flags as constants (:func:`apply_rule`), and :func:`variant` picks the class.
+# with the flags as constants (:func:`update_part`), and :func:`variant` picks the class.
 
 
 class AdamHyper(NamedTuple):
@@ -226,15 +226,15 @@ def adagrad_rule(h, _f, p, g, state_sum, _s1, _s2, neg_clr, _e1):
     return p, state_sum, ZERO, ZERO
 
 
-# each family's rule, the names of its flags, and the state slots (s0, s1, s2) a variant's rule
-# uses, from its class
-RULES = {AdamHyper: (adam_rule, ("amsgrad",), lambda c: (True, True, c.amsgrad)),
-         RMSpropHyper: (rmsprop_rule, ("use_momentum", "centered"),
+# Each family's number, the names of its flags, and the state slots (s0, s1, s2) a variant's
+# rule uses, from its class. The number picks the family's rule in :func:`update_part`.
+ADAM, RMSPROP, LION, SGD, ADAGRAD = range(5)
+RULES = {AdamHyper: (ADAM, ("amsgrad",), lambda c: (True, True, c.amsgrad)),
+         RMSpropHyper: (RMSPROP, ("use_momentum", "centered"),
                         lambda c: (True, c.use_momentum, c.centered)),
-         LionHyper: (lion_rule, (), lambda c: (True, False, False)),
-         SGDHyper: (sgd_rule, ("use_momentum", "nesterov"),
-                    lambda c: (c.use_momentum, False, False)),
-         AdagradHyper: (adagrad_rule, (), lambda c: (True, False, False))}
+         LionHyper: (LION, (), lambda c: (True, False, False)),
+         SGDHyper: (SGD, ("use_momentum", "nesterov"), lambda c: (c.use_momentum, False, False)),
+         AdagradHyper: (ADAGRAD, (), lambda c: (True, False, False))}
 
 
 def slots_of(record: type) -> tuple[bool, bool, bool]:
@@ -247,72 +247,6 @@ def slots_of(record: type) -> tuple[bool, bool, bool]:
             return used(record)
     raise TypeError(f"{record.__name__} is not a hyperparameter record of a rule")
 
-
-def apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
-    """One block's element loop: ``p[start:end]`` and the states ``s0..s2[: end - start]``
-    (the slots ``h``'s rule uses, :func:`slots_of`) updated in place by ``h``'s rule and
-    variant, then issue 17's rule (a): an element whose fresh states are not all finite
-    restarts at 0 in all of them. Returns the states' max :func:`abs_bits`.
-
-    Compiled per class of ``h``: the rule, its variant's flags and the slots it uses are
-    constants in the compiled loop (a slot the variant does not use costs no load or store).
-    A function of its own, called once per block, because numba types a function inlined from
-    an overload three times (compiled for its signature, typed again to be inlined, inlined);
-    the rule is typed once here, which cut about a tenth off a kernel's first compile
-    (docs/cpu-kernels.md).
-    """
-
-
-@overload(apply_rule, jit_options={"error_model": "numpy"})
-def _apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
-    cls = getattr(h, "instance_class", None)
-    family = next((f for f in RULES if isinstance(cls, type) and issubclass(cls, f)), None)
-    if family is None:
-        return None
-    update, names, _ = RULES[family]
-    f = tuple(getattr(cls, name) for name in names)
-    used0, used1, used2 = slots_of(cls)
-    # chosen here rather than by overloads in the loop: an overload is one more compile
-    load_p, load_g = (load_f32 if x.dtype == types.float32 else load_half for x in (p, g))
-    store_param = store_f32 if p.dtype == types.float32 else store_half
-
-    def loop(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1, s2, e0, e1):
-        mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
-        for i in range(start, end):
-            j = i - start
-            pi, a, c, d = update(h, f, load_p(p, i, p_fmt), load_g(g, i, g_fmt) * g_sign,
-                                 s0[j] if used0 else ZERO, s1[j] if used1 else ZERO,
-                                 s2[j] if used2 else ZERO, e0, e1)
-            store_param(p, i, pi, p_fmt, seed)
-            # (the streams of unused slots cost a sixth of an Adam8bit step)
-            if used0:
-                s0[j] = a
-            if used1:
-                s1[j] = c
-            if used2:
-                s2[j] = d
-            mag0 = umax(mag0, abs_bits(a))
-            mag1 = umax(mag1, abs_bits(c))
-            mag2 = umax(mag2, abs_bits(d))
-        if umax(umax(mag0, mag1), mag2) < INF_BITS:
-            return mag0, mag1, mag2
-        # A fresh state is not finite (rare): rule (a) in a pass of its own, taken only when
-        # the block's max says so, costs nothing in the common case (in the loop above, a
-        # tenth of a step).
-        mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
-        for j in range(end - start):
-            a = s0[j] if used0 else ZERO
-            c = s1[j] if used1 else ZERO
-            d = s2[j] if used2 else ZERO
-            if (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (abs_bits(d) >= INF_BITS):
-                s0[j] = s1[j] = s2[j] = ZERO  # (an unused slot's scratch is never encoded)
-            else:
-                mag0 = umax(mag0, abs_bits(a))
-                mag1 = umax(mag1, abs_bits(c))
-                mag2 = umax(mag2, abs_bits(d))
-        return mag0, mag1, mag2
-
-    return loop
 
 @inline
 def store_f32(p, i, value, fmt, seed):
@@ -343,45 +277,112 @@ def locate(b, tensor, block_starts):
     return tensor
 
 
-@part_kernel
-def update_part(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like,
-                p_fmt, g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes,
-                nonnegative, block_size):
-    """Part ``part`` of ``parts`` of one step of ``h``'s rule over every block of the table.
+@functools.cache
+def update_part(record: type, p_half: bool, g_half: bool):
+    """The kernel of one step of the rule and variant of ``record`` (a hyperparameter class),
+    for fp32 or half-precision (``p_half``, ``g_half``) parameters and gradients:
+    ``kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like, p_fmt,
+    g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes, nonnegative,
+    block_size)`` does part ``part`` of ``parts`` of it over every block of the table.
 
     State k's codebook is ``codebooks[k]``, its nearest-code table ``tables[k]``, its VBMI
     tables at ``planes_at`` and ``searches_at`` (addresses of three stacked tables each, or
     ``None``: the portable decode or encode, compiled without the VBMI one), its code of zero
     ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)).
     ``scratch[part]``: three fp32 blocks.
-    """
-    s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
-    # addresses taken once per part (see quant._numba.encode_block)
-    s_at = address(scratch[part])
-    codebooks_at, tables_at = address(codebooks), address(tables)
-    first, last = part_blocks(part, parts, block_starts[-1])
-    t = np.int64(0)
-    for b in range(first, last):
-        t = locate(b, t, block_starts)
-        n = tensors[t, NUMEL]
-        blocks_of_n = (n + block_size - 1) // block_size
-        p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
-        e0, e1, seed, lb = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED], b - block_starts[t]
-        start, end = block_range(lb, block_size, n)
-        for k in range(3):
-            if tensors[t, STATES + 2 * k] != 0:
-                absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
-                decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
-                             offset(planes_at, PLANES_BYTES * k),
-                             absmax[lb], s_at + 4 * block_size * k)
-        mag0, mag1, mag2 = apply_rule(h, p, g, p_fmt, g_fmt, g_sign, seed, start, end, s0, s1,
-                                      s2, e0, e1)
-        for k in range(3):
-            if tensors[t, STATES + 2 * k] != 0:
-                mag = mag0 if k == 0 else mag1 if k == 1 else mag2
-                encode_block(s_at + 4 * block_size * k, tensors[t, STATES + 2 * k],
-                             tensors[t, STATES + 2 * k + 1], lb, start, end, mag,
-                             tables_at + 4 * tables.shape[1] * k,
-                             offset(searches_at, SEARCH_BYTES * k),
-                             zero_codes[k], nonnegative[k])
 
+    One generic driver, built per variant: the family, its flags, the state slots it uses and
+    the element formats are closure constants of the kernel (numba's cache keys on them), so
+    numba types one rule, once, inlined into the element loop, and a slot the variant does not
+    use costs no load or store. (A rule chosen by an overload was typed three times, and an
+    element loop compiled as a function of its own was compiled twice by LLVM.)
+
+    Example: ``update_part(AdamHyper, False, False)`` is Adam's fp32 kernel.
+    """
+    family, names, used = next(v for c, v in RULES.items() if issubclass(record, c))
+    f = tuple(getattr(record, name) for name in names)
+    used0, used1, used2 = used(record)
+
+    @part_kernel
+    def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like, p_fmt,
+               g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes, nonnegative,
+               block_size):
+        s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
+        # addresses taken once per part (see quant._numba.encode_block)
+        s_at = address(scratch[part])
+        codebooks_at, tables_at = address(codebooks), address(tables)
+        first, last = part_blocks(part, parts, block_starts[-1])
+        t = np.int64(0)
+        for b in range(first, last):
+            t = locate(b, t, block_starts)
+            n = tensors[t, NUMEL]
+            blocks_of_n = (n + block_size - 1) // block_size
+            p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
+            e0, e1, seed = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED]
+            lb = b - block_starts[t]
+            start, end = block_range(lb, block_size, n)
+            for k in range(3):
+                if tensors[t, STATES + 2 * k] != 0:
+                    absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
+                    decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
+                                 offset(planes_at, PLANES_BYTES * k),
+                                 absmax[lb], s_at + 4 * block_size * k)
+            mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+            for i in range(start, end):
+                j = i - start
+                pv = load_half(p, i, p_fmt) if p_half else load_f32(p, i, p_fmt)
+                gv = (load_half(g, i, g_fmt) if g_half else load_f32(g, i, g_fmt)) * g_sign
+                a = s0[j] if used0 else ZERO
+                c = s1[j] if used1 else ZERO
+                d = s2[j] if used2 else ZERO
+                # family and the flags are constants: numba keeps one branch, before it inlines
+                if family == ADAM:
+                    pv, a, c, d = adam_rule(h, f, pv, gv, a, c, d, e0, e1)
+                elif family == RMSPROP:
+                    pv, a, c, d = rmsprop_rule(h, f, pv, gv, a, c, d, e0, e1)
+                elif family == LION:
+                    pv, a, c, d = lion_rule(h, f, pv, gv, a, c, d, e0, e1)
+                elif family == SGD:
+                    pv, a, c, d = sgd_rule(h, f, pv, gv, a, c, d, e0, e1)
+                else:
+                    pv, a, c, d = adagrad_rule(h, f, pv, gv, a, c, d, e0, e1)
+                if p_half:
+                    store_half(p, i, pv, p_fmt, seed)
+                else:
+                    store_f32(p, i, pv, p_fmt, seed)
+                # (the streams of unused slots cost a sixth of an Adam8bit step)
+                if used0:
+                    s0[j] = a
+                if used1:
+                    s1[j] = c
+                if used2:
+                    s2[j] = d
+                mag0 = umax(mag0, abs_bits(a))
+                mag1 = umax(mag1, abs_bits(c))
+                mag2 = umax(mag2, abs_bits(d))
+            if umax(umax(mag0, mag1), mag2) >= INF_BITS:
+                # A fresh state is not finite (rare): issue 17's rule (a) in a pass of its own,
+                # taken only when the block's max says so, costs nothing in the common case (in
+                # the loop above, a tenth of a step).
+                mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+                for j in range(end - start):
+                    a = s0[j] if used0 else ZERO
+                    c = s1[j] if used1 else ZERO
+                    d = s2[j] if used2 else ZERO
+                    if (abs_bits(a) >= INF_BITS) | (abs_bits(c) >= INF_BITS) | (
+                            abs_bits(d) >= INF_BITS):
+                        s0[j] = s1[j] = s2[j] = ZERO  # (an unused slot's scratch: never encoded)
+                    else:
+                        mag0 = umax(mag0, abs_bits(a))
+                        mag1 = umax(mag1, abs_bits(c))
+                        mag2 = umax(mag2, abs_bits(d))
+            for k in range(3):
+                if tensors[t, STATES + 2 * k] != 0:
+                    mag = mag0 if k == 0 else mag1 if k == 1 else mag2
+                    encode_block(s_at + 4 * block_size * k, tensors[t, STATES + 2 * k],
+                                 tensors[t, STATES + 2 * k + 1], lb, start, end, mag,
+                                 tables_at + 4 * tables.shape[1] * k,
+                                 offset(searches_at, SEARCH_BYTES * k),
+                                 zero_codes[k], nonnegative[k])
+
+    return kernel
