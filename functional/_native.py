@@ -195,8 +195,8 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
         common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books[:2],
                   *map(quant_native.address, books[2:4]), *books[4:], block_size)
         p_like, g_like = args[3], args[5]
-        kernel = kernels.update_part(type(h), p_like.dtype != np.float32,
-                                     g_like.dtype != np.float32)
+        kernel = kernels.update_part(type(h), bool(p_like.dtype != np.float32),
+                                     bool(g_like.dtype != np.float32))
         quant_native.run_parts(kernel, count, *common)
         _finish(batch)
 

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -512,3 +516,33 @@ def test_a_step_marks_parameters_and_states_modified_for_autograd(row, backend, 
     with torch.no_grad():
         row.update([p], [torch.randn(1000, generator=gen)], *args, block_size=BLOCK, **row.kwargs)
     assert all(t._version > v for t, v in zip(tensors, before, strict=True))
+
+
+@pytest.mark.slow
+def test_each_variant_s_kernel_is_loaded_from_the_disk_cache_by_a_later_process(tmp_path):
+    # update_part's kernels are closures, and numba's cache keys them on their closure's
+    # pickled contents: a constant that pickled differently in each process (a dispatcher, for
+    # one) would make every process compile every kernel again (seconds per optimizer).
+    code = textwrap.dedent("""
+        import torch
+        from eightbit.optim import Adam8bit, Lion8bit
+        for cls in (Adam8bit, Lion8bit):
+            p = torch.nn.Parameter(torch.randn(8192))  # (smaller ones keep fp32 state)
+            p.grad = torch.randn(8192)
+            cls([p], lr=1e-3).step()
+        from eightbit.functional import _numba as kernels  # (after: numba reads the cache dir)
+        for record in (kernels.AdamHyper, kernels.LionHyper):
+            stats = kernels.update_part(record, False, False).stats
+            print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+        """)
+    env = {**os.environ, "EIGHTBIT_CACHE_DIR": str(tmp_path), "NUMBA_CACHE_DIR": "",
+           "EIGHTBIT_CPU_BACKEND": "numba"}
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert run() == ["0", "1", "0", "1"]  # (hits, misses) of the Adam and Lion kernels
+    assert run() == ["1", "0", "1", "0"]
