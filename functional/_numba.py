@@ -237,15 +237,21 @@ RULES = {AdamHyper: (ADAM, ("amsgrad",), lambda c: (True, True, c.amsgrad)),
          AdagradHyper: (ADAGRAD, (), lambda c: (True, False, False))}
 
 
+def _rule_of(record: type) -> tuple:
+    """``record``'s entry of :data:`RULES` (its family's), or a TypeError naming it."""
+    for family, entry in RULES.items():
+        if isinstance(record, type) and issubclass(record, family):
+            return entry
+    raise TypeError(f"{getattr(record, '__name__', record)!s} is not a hyperparameter record "
+                    "of a rule")
+
+
 def slots_of(record: type) -> tuple[bool, bool, bool]:
     """Which of the three state slots the rule of ``record`` (a hyperparameter class) uses.
 
     Example: ``slots_of(AMSGradHyper)`` is ``(True, True, True)`` (m, v, max of v).
     """
-    for family, (_, _, used) in RULES.items():
-        if issubclass(record, family):
-            return used(record)
-    raise TypeError(f"{record.__name__} is not a hyperparameter record of a rule")
+    return _rule_of(record)[2](record)
 
 
 @inline
@@ -299,7 +305,7 @@ def update_part(record: type, p_half: bool, g_half: bool):
 
     Example: ``update_part(AdamHyper, False, False)`` is Adam's fp32 kernel.
     """
-    family, names, used = next(v for c, v in RULES.items() if issubclass(record, c))
+    family, names, used = _rule_of(record)
     f = tuple(getattr(record, name) for name in names)
     used0, used1, used2 = used(record)
 

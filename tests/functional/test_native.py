@@ -546,3 +546,18 @@ def test_each_variant_s_kernel_is_loaded_from_the_disk_cache_by_a_later_process(
 
     assert run() == ["0", "1", "0", "1"]  # (hits, misses) of the Adam and Lion kernels
     assert run() == ["1", "0", "1", "0"]
+
+
+def test_a_kernel_is_built_only_for_a_rule_s_record():
+    from eightbit.functional import _numba as kernels
+
+    assert kernels.slots_of(kernels.AMSGradHyper) == (True, True, True)
+    assert kernels.slots_of(kernels.MomentumSGDHyper) == (True, False, False)
+    for record in (kernels.AdamHyper, kernels.CenteredMomentumRMSpropHyper, kernels.LionHyper,
+                   kernels.NesterovSGDHyper, kernels.AdagradHyper):
+        assert kernels.update_part(record, False, True) is kernels.update_part(record, False, True)
+    for bad in (tuple, 3):
+        with pytest.raises(TypeError, match="not a hyperparameter record of a rule"):
+            kernels.update_part(bad, False, False)
+        with pytest.raises(TypeError, match="not a hyperparameter record of a rule"):
+            kernels.slots_of(bad)
