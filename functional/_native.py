@@ -55,7 +55,7 @@ def _seed(p: torch.Tensor, stochastic: bool) -> int:
 class _Batch(NamedTuple):
     """The parameters of one kernel call (one parameter dtype and one gradient dtype)."""
 
-    like: tuple  # (p_like, p_fmt, g_like, g_fmt): empty arrays of the kernel's element types
+    dtypes: tuple  # (parameter dtype, gradient dtype)
     rows: list  # the tensor table's rows (functional._numba.P ... STATES)
     blocks: list  # blocks per parameter
     extras: list  # per-parameter (e0, e1) of the rule
@@ -93,7 +93,7 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         key = (p.dtype, g.dtype)
         batch = batches.get(key)
         if batch is None:
-            batch = batches[key] = _Batch(_like(*key), [], [], [], [], [], [])
+            batch = batches[key] = _Batch(key, [], [], [], [], [], [])
         work = _contiguous(p, batch)
         row = [work.data_ptr(), g.data_ptr(), n, _seed(p, stochastic), 0, 0, 0, 0, 0, 0]
         for column, state in on:
@@ -114,15 +114,15 @@ def _batches(params, grads, states, extras, *, block_size, stochastic):
         block_starts = np.array([0, *itertools.accumulate(batch.blocks)], dtype=np.int64)
         tensors = np.array(batch.rows, dtype=np.int64)
         per_tensor = np.array(batch.extras, dtype=np.float32).reshape(len(batch.rows), 2)
-        yield (tensors, block_starts, per_tensor, *batch.like), batch
+        yield (tensors, block_starts, per_tensor, *_formats(*batch.dtypes)), batch
 
 
 @functools.cache
-def _like(p_dtype: torch.dtype, g_dtype: torch.dtype) -> tuple:
-    """``(p_like, p_fmt, g_like, g_fmt)``: empty arrays of a kernel's element types, and the
-    formats of half-precision elements (``quant._native.as_array``)."""
-    return (*quant_native.as_array(torch.empty(0, dtype=p_dtype)),
-            *quant_native.as_array(torch.empty(0, dtype=g_dtype)))
+def _formats(p_dtype: torch.dtype, g_dtype: torch.dtype) -> tuple[int, int]:
+    """``(p_fmt, g_fmt)``: the format flags of a kernel's parameters and gradients
+    (``quant._native.as_array``)."""
+    return (quant_native.as_array(torch.empty(0, dtype=p_dtype))[1],
+            quant_native.as_array(torch.empty(0, dtype=g_dtype))[1])
 
 
 def _scratch(count: int, block_size: int) -> np.ndarray:
@@ -194,9 +194,8 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
         count = quant_native.parts(int(args[1][-1]), int(args[0][:, kernels.NUMEL].sum()))
         common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books[:2],
                   *map(quant_native.address, books[2:4]), *books[4:], block_size)
-        p_like, g_like = args[3], args[5]
-        kernel = kernels.update_part(type(h), bool(p_like.dtype != np.float32),
-                                     bool(g_like.dtype != np.float32))
+        p_dtype, g_dtype = batch.dtypes
+        kernel = kernels.update_part(type(h), p_dtype != torch.float32, g_dtype != torch.float32)
         quant_native.run_parts(kernel, count, *common)
         _finish(batch)
 

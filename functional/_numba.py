@@ -287,9 +287,10 @@ def locate(b, tensor, block_starts):
 def update_part(record: type, p_half: bool, g_half: bool):
     """The kernel of one step of the rule and variant of ``record`` (a hyperparameter class),
     for fp32 or half-precision (``p_half``, ``g_half``) parameters and gradients:
-    ``kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like, p_fmt,
-    g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes, nonnegative,
-    block_size)`` does part ``part`` of ``parts`` of it over every block of the table.
+    ``kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_fmt, g_fmt,
+    codebooks, tables, planes_at, searches_at, zero_codes, nonnegative, block_size)`` does part
+    ``part`` of ``parts`` of it over every block of the table. Half-precision elements are
+    uint16 bits in format ``p_fmt`` / ``g_fmt`` (fp16 or bf16).
 
     State k's codebook is ``codebooks[k]``, its nearest-code table ``tables[k]``, its VBMI
     tables at ``planes_at`` and ``searches_at`` (addresses of three stacked tables each, or
@@ -308,11 +309,11 @@ def update_part(record: type, p_half: bool, g_half: bool):
     family, names, used = _rule_of(record)
     f = tuple(getattr(record, name) for name in names)
     used0, used1, used2 = used(record)
+    p_type, g_type = (np.uint16 if half else np.float32 for half in (p_half, g_half))
 
     @part_kernel
-    def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_like, p_fmt,
-               g_like, g_fmt, codebooks, tables, planes_at, searches_at, zero_codes, nonnegative,
-               block_size):
+    def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_fmt, g_fmt,
+               codebooks, tables, planes_at, searches_at, zero_codes, nonnegative, block_size):
         s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
         # addresses taken once per part (see quant._numba.encode_block)
         s_at = address(scratch[part])
@@ -323,7 +324,7 @@ def update_part(record: type, p_half: bool, g_half: bool):
             t = locate(b, t, block_starts)
             n = tensors[t, NUMEL]
             blocks_of_n = (n + block_size - 1) // block_size
-            p, g = view(tensors[t, P], n, p_like), view(tensors[t, G], n, g_like)
+            p, g = view(tensors[t, P], n, p_type), view(tensors[t, G], n, g_type)
             e0, e1, seed = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED]
             lb = b - block_starts[t]
             start, end = block_range(lb, block_size, n)
