@@ -30,11 +30,18 @@ from typing import NamedTuple
 import numpy as np
 from numba import uint32
 
-from ..quant._intrinsics import abs_bits, f32_to_half, fma, offset, stochastic_bf16, umax
+from ..quant._intrinsics import (
+    abs_bits,
+    decode_run,
+    f32_to_half,
+    fma,
+    offset,
+    stochastic_bf16,
+    umax,
+)
 from ..quant._numba import (
     address,
     block_range,
-    decode_block,
     encode_block,
     inline,
     load_f32,
@@ -331,9 +338,10 @@ def update_part(record: type, p_half: bool, g_half: bool):
             for k in range(3):
                 if tensors[t, STATES + 2 * k] != 0:
                     absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
-                    decode_block(tensors[t, STATES + 2 * k], start, end, codebooks_at + 1024 * k,
-                                 offset(planes_at, PLANES_BYTES * k),
-                                 absmax[lb], s_at + 4 * block_size * k)
+                    decode_run(tensors[t, STATES + 2 * k] + np.int64(start),
+                               np.int64(end - start), codebooks_at + 1024 * k,
+                               offset(planes_at, PLANES_BYTES * k), absmax[lb],
+                               s_at + 4 * block_size * k)
             mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
             for i in range(start, end):
                 j = i - start

@@ -358,37 +358,25 @@ def raise_positive(builder, codes, words, floor):
     return builder.select(positive[0], raised, codes)
 
 
-@intrinsic
-def nearest_codes16(typingctx, values, scale, table, codes, floor):
-    """``codes[k] = _numba.nearest_code(values[k] / scale, table)`` for ``k < 16``, raised to
-    at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`); ``values`` (fp32),
-    ``table`` (uint32, ``_native.code_table``) and ``codes`` (uint8) are addresses."""
-    if not (isinstance(values, types.Integer) and isinstance(table, types.Integer)
-            and isinstance(codes, types.Integer) and scale == types.float32
-            and isinstance(floor, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        values_v, scale_v, table_v, codes_v, floor_v = args
-        f32v = _vec(ir.FloatType())
-        x = builder.load(builder.bitcast(_ptr(builder, values_v, ir.FloatType()),
-                                         f32v.as_pointer()), align=4)
-        u = builder.bitcast(builder.fdiv(x, _splat(builder, scale_v)), _vec(_I32))
-        low = builder.and_(builder.xor(u, builder.ashr(u, _words(31))), _words(0xFFFF))
-        entry = _gather(builder, _ptr(builder, table_v, _I32), builder.lshr(u, _words(16)))
-        code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)),
-                             _vec(ir.IntType(8)))
-        code = raise_positive(builder, code, [u], floor_v)
-        builder.store(code, _ptr(builder, codes_v, _vec(ir.IntType(8))), align=1)
-        return context.get_dummy_value()
-
-    return types.void(values, scale, table, codes, floor), codegen
+def _encode16(builder, values, scale, table, codes, floor):
+    """Emit ``codes[k] = _numba.nearest_code(values[k] / scale, table)`` for ``k < 16``, raised
+    to at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`); IR values: the
+    addresses ``values`` (fp32), ``table`` (uint32, ``_native.code_table``) and ``codes``
+    (uint8), the fp32 ``scale`` and the integer ``floor``."""
+    f32v = _vec(ir.FloatType())
+    x = builder.load(builder.bitcast(_ptr(builder, values, ir.FloatType()), f32v.as_pointer()),
+                     align=4)
+    u = builder.bitcast(builder.fdiv(x, _splat(builder, scale)), _vec(_I32))
+    low = builder.and_(builder.xor(u, builder.ashr(u, _words(31))), _words(0xFFFF))
+    entry = _gather(builder, _ptr(builder, table, _I32), builder.lshr(u, _words(16)))
+    code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)), _vec(ir.IntType(8)))
+    code = raise_positive(builder, code, [u], floor)
+    builder.store(code, _ptr(builder, codes, _vec(ir.IntType(8))), align=1)
 
 
-@intrinsic
-def decode16(typingctx, codes, codebook, scale, out):
-    """``out[k] = codebook[codes[k]] * scale`` for ``k < 16``; ``codes`` (uint8), ``codebook``
-    (fp32) and ``out`` (fp32) are addresses.
+def _decode16(builder, codes, codebook, scale, out):
+    """Emit ``out[k] = codebook[codes[k]] * scale`` for ``k < 16`` (IR values: the addresses
+    ``codes`` (uint8), ``codebook`` (fp32) and ``out`` (fp32), the fp32 ``scale``).
 
     Not a gather: the codes are read as two 64-bit words, each code shifted out in a general
     register and its value read by one scalar load, then multiplied and stored as one vector.
@@ -396,26 +384,145 @@ def decode16(typingctx, codes, codebook, scale, out):
     (half the speed of this on a Zen 3, docs/cpu-kernels.md), under Intel's GDS microcode
     mitigation, and absent on NEON.
     """
-    if not (isinstance(codes, types.Integer) and isinstance(codebook, types.Integer)
-            and isinstance(out, types.Integer) and scale == types.float32):
+    b, i64, f32 = builder, ir.IntType(64), ir.FloatType()
+    words, book = _ptr(b, codes, i64), _ptr(b, codebook, f32)
+    values = ir.Constant(_vec(f32), ir.Undefined)
+    for w in range(_LANES // 8):
+        word = b.load(b.gep(words, [ir.Constant(i64, w)]), align=1)
+        for k in range(8):
+            shift = 8 * k if sys.byteorder == "little" else 8 * (7 - k)  # code w * 8 + k
+            code = b.and_(b.lshr(word, ir.Constant(i64, shift)), ir.Constant(i64, 0xFF))
+            values = b.insert_element(values, b.load(b.gep(book, [code])),
+                                      ir.Constant(_I32, 8 * w + k))
+    b.store(b.fmul(values, _splat(b, scale)), _ptr(b, out, _vec(f32)), align=4)
+
+
+# -- Whole runs of a block, one intrinsic each ----------------------------------------------
+# Why the loops are emitted here rather than written as numba functions: a numba function
+# compiled on its own costs a first use its own pipeline, wrappers and a second LLVM pass in
+# each kernel it is linked into (a decode helper was ~0.2-0.4 s of an optimizer's first use,
+# docs/cpu-kernels.md); these loops are a few IR instructions in the calling kernel.
+
+
+def _i64(builder, value, numba_type):
+    """An integer IR value of ``numba_type`` widened to i64 (by its signedness)."""
+    i64 = ir.IntType(64)
+    if value.type.width >= 64:
+        return value
+    return builder.sext(value, i64) if numba_type.signed else builder.zext(value, i64)
+
+
+def _loop(builder, count, step, body):
+    """Emit ``for i in range(0, count - step + 1, step): body(i)`` (``count`` an i64 value,
+    ``step`` a Python int): the whole steps of ``count``; returns how many elements they
+    covered, ``count // step * step``."""
+    i64 = ir.IntType(64)
+    whole = builder.mul(builder.udiv(count, ir.Constant(i64, step)), ir.Constant(i64, step))
+    before = builder.block
+    head, work, done = (builder.append_basic_block(f"run.{name}")
+                        for name in ("head", "body", "end"))
+    builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), before)
+    builder.cbranch(builder.icmp_unsigned("<", i, whole), work, done)
+    builder.position_at_end(work)
+    body(i)
+    i.add_incoming(builder.add(i, ir.Constant(i64, step)), builder.block)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return whole
+
+
+def _vbmi_module():
+    from . import _vbmi  # (imports this module: taken when a kernel is compiled, not before)
+
+    return _vbmi
+
+
+@intrinsic
+def decode_run(typingctx, codes, n, codebook, planes, scale, out):
+    """``out[k] = codebook[codes[k]] * scale`` for ``k < n``; ``codes`` (uint8), ``codebook``
+    (fp32, 256 values) and ``out`` (fp32) are addresses.
+
+    The path is chosen here, by the type of ``planes``: ``None`` compiles the portable loop, 16
+    codes at a time by scalar loads (:func:`_decode16`); an address (the codebook's VBMI byte
+    planes) compiles 64 at a time by byte permutes first (``_vbmi.decode64_ir``). The last
+    ``n % 16`` values are read one by one.
+    """
+    if not (isinstance(codes, types.Integer) and isinstance(n, types.Integer)
+            and isinstance(codebook, types.Integer) and isinstance(out, types.Integer)
+            and isinstance(planes, (types.Integer, types.NoneType)) and scale == types.float32):
         return None
+    vbmi = isinstance(planes, types.Integer)
 
     def codegen(context, builder, sig, args):
-        codes_v, codebook_v, scale_v, out_v = args
+        codes_v, n_v, codebook_v, planes_v, scale_v, out_v = args
         b, i64, f32 = builder, ir.IntType(64), ir.FloatType()
-        words, book = _ptr(b, codes_v, i64), _ptr(b, codebook_v, f32)
-        values = ir.Constant(_vec(f32), ir.Undefined)
-        for w in range(_LANES // 8):
-            word = b.load(b.gep(words, [ir.Constant(i64, w)]), align=1)
-            for k in range(8):
-                shift = 8 * k if sys.byteorder == "little" else 8 * (7 - k)  # code w * 8 + k
-                code = b.and_(b.lshr(word, ir.Constant(i64, shift)), ir.Constant(i64, 0xFF))
-                values = b.insert_element(values, b.load(b.gep(book, [code])),
-                                          ir.Constant(_I32, 8 * w + k))
-        b.store(b.fmul(values, _splat(b, scale_v)), _ptr(b, out_v, _vec(f32)), align=4)
+        n_v = _i64(b, n_v, n)
+
+        def at(base, i, size):
+            return b.add(base, b.mul(i, ir.Constant(i64, size)))
+
+        done = ir.Constant(i64, 0)
+        if vbmi:
+            done = _loop(b, n_v, 64, lambda i: _vbmi_module().decode64_ir(
+                b, at(codes_v, i, 1), planes_v, scale_v, at(out_v, i, 4)))
+        rest = _loop(b, b.sub(n_v, done), 16, lambda i: _decode16(
+            b, at(codes_v, b.add(done, i), 1), codebook_v, scale_v,
+            at(out_v, b.add(done, i), 4)))
+        done = b.add(done, rest)
+        codes_p, book, out_p = _ptr(b, codes_v, ir.IntType(8)), _ptr(b, codebook_v, f32), \
+            _ptr(b, out_v, f32)
+
+        def one(i):
+            k = b.add(done, i)
+            code = b.zext(b.load(b.gep(codes_p, [k])), i64)
+            b.store(b.fmul(b.load(b.gep(book, [code])), scale_v), b.gep(out_p, [k]))
+
+        _loop(b, b.sub(n_v, done), 1, one)
         return context.get_dummy_value()
 
-    return types.void(codes, codebook, scale, out), codegen
+    return types.void(codes, n, codebook, planes, scale, out), codegen
+
+
+@intrinsic
+def encode_run(typingctx, values, codes, n, scale, table, search, floor):
+    """``codes[k]`` = the nearest code of ``values[k] / scale`` (``_numba.nearest_code``),
+    raised to at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`), for ``k`` up
+    to ``n`` rounded down to a multiple of 16; returns that count (the caller encodes the last
+    ``n % 16`` values with ``nearest_code``). ``values`` (fp32, ``|values| <= scale``),
+    ``codes`` (uint8) and ``table`` (uint32, ``_native.code_table``) are addresses.
+
+    The path is chosen here, by the type of ``search``: ``None`` compiles the portable loop, 16
+    values at a time by table gathers (:func:`_encode16`); an address (the VBMI search table)
+    compiles 64 at a time by the byte-permute search first (``_vbmi.encode64_ir``).
+    """
+    if not (isinstance(values, types.Integer) and isinstance(codes, types.Integer)
+            and isinstance(n, types.Integer) and scale == types.float32
+            and isinstance(table, types.Integer) and isinstance(floor, types.Integer)
+            and isinstance(search, (types.Integer, types.NoneType))):
+        return None
+    vbmi = isinstance(search, types.Integer)
+
+    def codegen(context, builder, sig, args):
+        values_v, codes_v, n_v, scale_v, table_v, search_v, floor_v = args
+        b, i64 = builder, ir.IntType(64)
+        n_v = _i64(b, n_v, n)
+
+        def at(base, i, size):
+            return b.add(base, b.mul(i, ir.Constant(i64, size)))
+
+        done = ir.Constant(i64, 0)
+        if vbmi:
+            done = _loop(b, n_v, 64, lambda i: _vbmi_module().encode64_ir(
+                b, at(values_v, i, 4), scale_v, search_v, at(codes_v, i, 1), floor_v))
+        rest = _loop(b, b.sub(n_v, done), 16, lambda i: _encode16(
+            b, at(values_v, b.add(done, i), 4), scale_v, table_v,
+            at(codes_v, b.add(done, i), 1), floor_v))
+        return b.add(done, rest)
+
+    return types.int64(values, codes, n, scale, table, search, floor), codegen
 
 
 @intrinsic

@@ -7,10 +7,13 @@ Shape of every kernel: a serial ``@njit(cache=True, nogil=True)`` function does 
 OpenMP threads or Python threads (the kernels release the GIL). No fast-math: division, sqrt
 and rounding are IEEE fp32, as in the torch path, the oracle these kernels are tested against.
 
-Two search paths find nearest codes: the portable one below (:func:`nearest_code`), and, where
-the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`; each kernel chooses with one
-``if`` on the VBMI tables' address, ``None`` where the path is off: numba compiles a variant
-of the kernel per path, holding only that path's loop. Half-precision tensors arrive as
+Two search paths find nearest codes: the portable one (table gathers,
+:func:`._intrinsics.encode_run`, and :func:`nearest_code` for the last values of a block), and,
+where the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`. The kernels pass the
+VBMI tables' addresses, ``None`` where the path is off, to the run intrinsics
+(:func:`._intrinsics.encode_run`, :func:`._intrinsics.decode_run`), which choose by that
+argument's type: numba compiles a variant of the kernel per path, holding only that path's
+loops. Half-precision tensors arrive as
 ``uint16`` bit patterns with a format flag, :data:`F16` or :data:`BF16` (numba has no CPU
 float16 or bfloat16).
 """
@@ -29,16 +32,15 @@ from ._intrinsics import (  # noqa: E402
     abs_bits,
     bits_f32,
     carry_code,
-    decode16,
+    decode_run,
+    encode_run,
     f32_bits,
     f32_to_half,
     half_to_f32,
-    nearest_codes16,
     pointer,
     prefetch,
     umax,
 )
-from ._vbmi import decode64, encode64  # noqa: E402
 
 F32, F16, BF16 = 0, 1, 2
 TABLE_SIZE = 1 << 16  # entries of a nearest-code table (``_native.code_table``)
@@ -46,9 +48,11 @@ TABLE_SIZE = 1 << 16  # entries of a nearest-code table (``_native.code_table``)
 # Serial parts; numpy's error model: a division gets no zero check (a branch that stops a loop
 # from vectorizing).
 part_kernel = njit(cache=True, nogil=True, error_model="numpy")
-# Element helpers, inlined into the kernels' numba IR (leaves only: a block helper, which calls
-# them, is a plain function, :data:`block_helper`).
+# Element helpers, inlined into the kernels' numba IR.
 inline = njit(inline="always", cache=True, error_model="numpy")
+# The one block helper, encode_block, is compiled on its own and called: inlined, first use was
+# no faster (paired runs, docs/cpu-kernels.md), and numba's inliner dropped its absmax store in
+# a kernel that also inlined an overload (``load``).
 block_helper = njit(cache=True, nogil=True, error_model="numpy")
 
 
@@ -148,7 +152,7 @@ def nearest_code(y, table):
     return carry_code(table[u >> uint32(16)], low)
 
 
-# The block helpers take addresses (int64), not arrays: reading ``arr.ctypes.data`` counts a
+# Block helpers take addresses (int64), not arrays: reading ``arr.ctypes.data`` counts a
 # reference on the array's owner, an atomic operation that threads sharing a table contend on
 # (two threads ran no faster than one). Kernels take each address once per part.
 
@@ -158,54 +162,28 @@ def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, s
                  zero_code, nonnegative):
     """Block ``b``: ``absmax[b] = block_scale(mag)`` and ``codes[start:end]`` = the nearest codes
     of ``values[: end - start] / absmax[b]`` (fp32 values whose max :func:`abs_bits` is
-    ``mag``), by VBMI where ``search_at`` (the VBMI search table) is given, else 16 values at a
-    time by gathers from the nearest-code table. ``search_at`` is an address or ``None``, so
-    each kernel compiles the one search loop it runs. A degenerate block gets ``zero_code``. With
-    ``nonnegative`` (issue 17's rule (b), optimizer states on the unsigned map), a positive
-    value whose nearest code is ``zero_code`` gets ``zero_code + 1``."""
-    scale = view(absmax_at, b + 1, np.float32)[b] = block_scale(mag)
-    values, codes = view(values_at, end - start, np.float32), view(codes_at, end, np.uint8)
-    full = start
+    ``mag``): :func:`._intrinsics.encode_run` (by VBMI where ``search_at``, the VBMI search
+    table's address, is given; ``None`` compiles the portable loop only), then the last
+    ``(end - start) % 16`` values by :func:`nearest_code`. A degenerate block gets
+    ``zero_code``. With ``nonnegative`` (issue 17's rule (b), optimizer states on the unsigned
+    map), a positive value whose nearest code is ``zero_code`` gets ``zero_code + 1``."""
+    scale = block_scale(mag)
+    absmax = view(absmax_at, b + 1, np.float32)
+    absmax[b] = scale
+    codes = view(codes_at, end, np.uint8)
     if degenerate(mag):
         for i in range(start, end):
             codes[i] = zero_code
-        return
-    base = values_at - 4 * np.int64(start)
-    floor = zero_code + np.uint8(1) if nonnegative else np.uint8(0)
-    if search_at is not None:
-        full = start + (end - start) // uint64(64) * uint64(64)
-        for s in range(start, full, uint64(64)):
-            encode64(base + 4 * s, scale, search_at, codes_at + s, floor)
     else:
-        full = start + (end - start) // uint64(16) * uint64(16)
-        for s in range(start, full, uint64(16)):
-            nearest_codes16(base + 4 * s, scale, table_at, codes_at + s, floor)
-    table = view(table_at, TABLE_SIZE, np.uint32)
-    for i in range(full, end):
-        code = nearest_code(values[i - start] / scale, table)
-        codes[i] = floor if values[i - start] > 0 and code < floor else code
-
-
-@block_helper
-def decode_block(codes_at, start, end, codebook_at, planes_at, scale, out_at):
-    """``out[: end - start] = codebook[codes[start:end]] * scale`` (addresses; fp32 ``out``),
-    by VBMI where ``planes_at`` (an address or ``None``, as ``search_at`` of
-    :func:`encode_block`) is given, else 16 codes at a time by scalar loads
-    (:func:`._intrinsics.decode16`)."""
-    base = out_at - 4 * np.int64(start)
-    full = start
-    if planes_at is not None:
-        full = start + (end - start) // uint64(64) * uint64(64)
-        for s in range(start, full, uint64(64)):
-            decode64(codes_at + s, planes_at, scale, base + 4 * s)
-    else:
-        full = start + (end - start) // uint64(16) * uint64(16)
-        for s in range(start, full, uint64(16)):
-            decode16(codes_at + s, codebook_at, scale, base + 4 * s)
-    codes, codebook = view(codes_at, end, np.uint8), view(codebook_at, 256, np.float32)
-    out = view(out_at, end - start, np.float32)
-    for i in range(full, end):
-        out[i - start] = codebook[codes[i]] * scale
+        floor = zero_code + np.uint8(1) if nonnegative else np.uint8(0)
+        full = start + uint64(encode_run(values_at, codes_at + np.int64(start),
+                                         np.int64(end - start), scale, table_at, search_at,
+                                         floor))
+        values, table = view(values_at, end - start, np.float32), view(table_at, TABLE_SIZE,
+                                                                       np.uint32)
+        for i in range(full, end):
+            code = nearest_code(values[i - start] / scale, table)
+            codes[i] = floor if values[i - start] > 0 and code < floor else code
 
 
 @inline
@@ -239,7 +217,6 @@ def quantize_part(part, parts, x, fmt, codes, absmax, table, search_at, zero_cod
                      zero_code, False)
 
 
-
 @njit(cache=True, nogil=True)
 def scan_code(y, thresholds):
     """Number of thresholds below ``y`` by linear search (``thresholds`` ends with +inf), for
@@ -269,7 +246,7 @@ def quantize_scan(part, parts, x, fmt, codes, absmax, thresholds, zero_code, blo
 def dequantize_part(part, parts, codes, absmax, codebook, planes_at, out, fmt, block_size,
                     scratch):
     """Part ``part`` of ``parts`` of dequantize; ``planes_at``: the VBMI planes' address, or
-    ``None`` for the portable path (see :func:`decode_block`)."""
+    ``None`` for the portable path (see :func:`._intrinsics.decode_run`)."""
     n = codes.size
     first, last = part_blocks(part, parts, absmax.size)
     values = scratch[part]
@@ -280,10 +257,11 @@ def dequantize_part(part, parts, codes, absmax, codebook, planes_at, out, fmt, b
         start, end = block_range(b, block_size, n)
         prefetch_next(codes_at, 1, start, end)
         if out.itemsize == 4:  # fp32 output is decoded where it goes
-            decode_block(codes_at, start, end, codebook_at, planes_at, absmax[b],
-                         out_at + 4 * np.int64(start))
+            decode_run(codes_at + np.int64(start), np.int64(end - start), codebook_at,
+                       planes_at, absmax[b], out_at + 4 * np.int64(start))
             continue
-        decode_block(codes_at, start, end, codebook_at, planes_at, absmax[b], values_at)
+        decode_run(codes_at + np.int64(start), np.int64(end - start), codebook_at, planes_at,
+                   absmax[b], values_at)
         for i in range(start, end):
             store(out, i, values[i - start], fmt)
 

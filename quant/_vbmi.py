@@ -316,25 +316,51 @@ def _is_address(*values) -> bool:
     return all(isinstance(v, types.Integer) for v in values)
 
 
+def decode64_ir(builder, codes, planes, scale, out):
+    """Emit ``out[k] = codebook[codes[k]] * scale`` for ``k < 64`` (IR values: the addresses
+    ``codes`` (uint8), ``planes`` (:func:`tables`) and ``out`` (fp32), and the fp32 ``scale``);
+    nothing where the code is not compiled with VBMI (its callers never run it there)."""
+    if not compiled_with_vbmi():
+        return
+    vectors = _lookup_vbmi(builder, _ptr(builder, codes, _I8), _ptr(builder, planes, _I8))
+    out_ptr = _ptr(builder, out, _F32)
+    scale16 = _splat(builder, scale, 16)
+    for j, v in enumerate(vectors):
+        at = builder.gep(out_ptr, [ir.Constant(_I32, 16 * j)])
+        builder.store(builder.fmul(v, scale16),
+                      builder.bitcast(at, _vector(_F32, 16).as_pointer()), align=4)
+
+
+def encode64_ir(builder, values, scale, search, codes, floor):
+    """Emit ``codes[k]`` = the nearest code of ``values[k] / scale`` for ``k < 64``, raised to
+    at least ``floor`` where ``values[k] > 0`` (:func:`~._intrinsics.raise_positive`); IR values:
+    the addresses ``values`` (fp32, ``|values| <= scale``), ``search`` (:func:`tables`) and
+    ``codes`` (uint8), the fp32 ``scale`` and the integer ``floor``. Nothing where the code is
+    not compiled with VBMI, as :func:`decode64_ir`."""
+    if not compiled_with_vbmi():
+        return
+    x_ptr = _ptr(builder, values, _F32)
+    scale16 = _splat(builder, scale, 16)
+    words = []
+    for k in range(4):
+        at = builder.bitcast(builder.gep(x_ptr, [ir.Constant(_I32, 16 * k)]),
+                             _vector(_F32, 16).as_pointer())
+        y = builder.fdiv(builder.load(at, align=4), scale16)
+        words.append(builder.bitcast(y, _vector(_I32, 16)))
+    result = _search_vbmi(builder, words, _ptr(builder, search, _I8))
+    result = raise_positive(builder, result, words, floor)
+    builder.store(result, _ptr(builder, codes, _vector(_I8, 64)), align=1)
+
+
 @intrinsic
 def decode64(typingctx, codes, planes, scale, out):
-    """``out[k] = codebook[codes[k]] * scale`` for ``k < 64``; ``codes`` (uint8), ``planes``
-    (:func:`tables`) and ``out`` (fp32) are addresses. Only where :func:`compiled_with_vbmi`
-    (elsewhere it compiles to nothing: the kernels' ``if`` never calls it there)."""
+    """:func:`decode64_ir` as a numba function (addresses and an fp32 ``scale``); the kernels
+    use it through ``_intrinsics.decode_run``."""
     if not (_is_address(codes, planes, out) and scale == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        if compiled_with_vbmi():
-            codes_v, planes_v, scale_v, out_v = args
-            vectors = _lookup_vbmi(builder, _ptr(builder, codes_v, _I8),
-                                   _ptr(builder, planes_v, _I8))
-            out_ptr = _ptr(builder, out_v, _F32)
-            scale16 = _splat(builder, scale_v, 16)
-            for j, v in enumerate(vectors):
-                at = builder.gep(out_ptr, [ir.Constant(_I32, 16 * j)])
-                builder.store(builder.fmul(v, scale16),
-                              builder.bitcast(at, _vector(_F32, 16).as_pointer()), align=4)
+        decode64_ir(builder, *args)
         return context.get_dummy_value()
 
     return types.void(codes, planes, scale, out), codegen
@@ -342,29 +368,14 @@ def decode64(typingctx, codes, planes, scale, out):
 
 @intrinsic
 def encode64(typingctx, values, scale, search, codes, floor):
-    """``codes[k] = nearest code of values[k] / scale`` for ``k < 64``, raised to at least
-    ``floor`` where ``values[k] > 0`` (:func:`~._intrinsics.raise_positive`); ``values`` (fp32,
-    with ``|values| <= scale``), ``search`` (:func:`tables`) and ``codes`` (uint8) are
-    addresses. Only where :func:`compiled_with_vbmi`, as :func:`decode64`."""
+    """:func:`encode64_ir` as a numba function (addresses, an fp32 ``scale``, an integer
+    ``floor``); the kernels use it through ``_intrinsics.encode_run``."""
     if not (_is_address(values, search, codes) and scale == types.float32
             and isinstance(floor, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        if compiled_with_vbmi():
-            values_v, scale_v, search_v, codes_v, floor_v = args
-            x_ptr = _ptr(builder, values_v, _F32)
-            scale16 = _splat(builder, scale_v, 16)
-            words = []
-            for k in range(4):
-                at = builder.bitcast(builder.gep(x_ptr, [ir.Constant(_I32, 16 * k)]),
-                                     _vector(_F32, 16).as_pointer())
-                y = builder.fdiv(builder.load(at, align=4), scale16)
-                words.append(builder.bitcast(y, _vector(_I32, 16)))
-            result = _search_vbmi(builder, words, _ptr(builder, search_v, _I8))
-            result = raise_positive(builder, result, words, floor_v)
-            out = _ptr(builder, codes_v, _vector(_I8, 64))
-            builder.store(result, out, align=1)
+        encode64_ir(builder, *args)
         return context.get_dummy_value()
 
     return types.void(values, scale, search, codes, floor), codegen

@@ -732,10 +732,10 @@ _FALLBACK = """
         out[cls.__name__] = (p.detach(), {k: v for k, v in opt.state[p].items()})
     # the portable search's code, compiled apart (the kernels' cached code cannot be inspected)
     from numba import njit, types
-    from eightbit.quant._intrinsics import nearest_codes16
-    probe = njit(lambda x, s, t, c, f: nearest_codes16(x, s, t, c, f))
+    from eightbit.quant._intrinsics import encode_run
+    probe = njit(lambda x, c, n, s, t, f: encode_run(x, c, n, s, t, None, f))
     i64 = types.int64
-    probe.compile((i64, types.float32, i64, i64, types.uint8))
+    probe.compile((i64, i64, i64, types.float32, i64, types.uint8))
     out["asm"] = probe.inspect_asm(probe.signatures[0])
     torch.save(out, sys.argv[1])
 """
