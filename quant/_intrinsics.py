@@ -434,6 +434,11 @@ def _loop(builder, count, step, body):
     return whole
 
 
+def _at(builder, base, i, size):
+    """The address of element ``i`` (i64) of ``size``-byte elements from address ``base``."""
+    return builder.add(base, builder.mul(i, ir.Constant(ir.IntType(64), size)))
+
+
 def _vbmi_module():
     from . import _vbmi  # (imports this module: taken when a kernel is compiled, not before)
 
@@ -460,17 +465,13 @@ def decode_run(typingctx, codes, n, codebook, planes, scale, out):
         codes_v, n_v, codebook_v, planes_v, scale_v, out_v = args
         b, i64, f32 = builder, ir.IntType(64), ir.FloatType()
         n_v = _i64(b, n_v, n)
-
-        def at(base, i, size):
-            return b.add(base, b.mul(i, ir.Constant(i64, size)))
-
         done = ir.Constant(i64, 0)
         if vbmi:
             done = _loop(b, n_v, 64, lambda i: _vbmi_module().decode64_ir(
-                b, at(codes_v, i, 1), planes_v, scale_v, at(out_v, i, 4)))
+                b, _at(b, codes_v, i, 1), planes_v, scale_v, _at(b, out_v, i, 4)))
         rest = _loop(b, b.sub(n_v, done), 16, lambda i: _decode16(
-            b, at(codes_v, b.add(done, i), 1), codebook_v, scale_v,
-            at(out_v, b.add(done, i), 4)))
+            b, _at(b, codes_v, b.add(done, i), 1), codebook_v, scale_v,
+            _at(b, out_v, b.add(done, i), 4)))
         done = b.add(done, rest)
         codes_p, book, out_p = _ptr(b, codes_v, ir.IntType(8)), _ptr(b, codebook_v, f32), \
             _ptr(b, out_v, f32)
@@ -509,17 +510,13 @@ def encode_run(typingctx, values, codes, n, scale, table, search, floor):
         values_v, codes_v, n_v, scale_v, table_v, search_v, floor_v = args
         b, i64 = builder, ir.IntType(64)
         n_v = _i64(b, n_v, n)
-
-        def at(base, i, size):
-            return b.add(base, b.mul(i, ir.Constant(i64, size)))
-
         done = ir.Constant(i64, 0)
         if vbmi:
             done = _loop(b, n_v, 64, lambda i: _vbmi_module().encode64_ir(
-                b, at(values_v, i, 4), scale_v, search_v, at(codes_v, i, 1), floor_v))
+                b, _at(b, values_v, i, 4), scale_v, search_v, _at(b, codes_v, i, 1), floor_v))
         rest = _loop(b, b.sub(n_v, done), 16, lambda i: _encode16(
-            b, at(values_v, b.add(done, i), 4), scale_v, table_v,
-            at(codes_v, b.add(done, i), 1), floor_v))
+            b, _at(b, values_v, b.add(done, i), 4), scale_v, table_v,
+            _at(b, codes_v, b.add(done, i), 1), floor_v))
         return b.add(done, rest)
 
     return types.int64(values, codes, n, scale, table, search, floor), codegen
