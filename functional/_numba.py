@@ -5,7 +5,7 @@ per block of every parameter in the call: locate the block (the parameters' bloc
 sequence, :func:`locate`), dequantize the states into fp32 scratch, call the optimizer's rule
 per element, store the parameter, apply issue 17's rule (a) (an element whose fresh states are
 not all finite gets 0.0 in every state), keep each state's absmax, and requantize each state
-(rule (b) for states on the unsigned map: see ``quant._numba.encode_block``).
+(rule (b) for states on the unsigned map: see ``quant._intrinsics.encode_block``).
 ``quant._native.run_parts`` runs its parts on threads.
 
 A rule is a plain function ``rule(h, f, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
@@ -33,6 +33,7 @@ from numba import uint32
 from ..quant._intrinsics import (
     abs_bits,
     decode_run,
+    encode_block,
     f32_to_half,
     fma,
     offset,
@@ -42,7 +43,6 @@ from ..quant._intrinsics import (
 from ..quant._numba import (
     address,
     block_range,
-    encode_block,
     inline,
     load_f32,
     load_half,
@@ -322,7 +322,7 @@ def update_part(record: type, p_half: bool, g_half: bool):
     def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_fmt, g_fmt,
                codebooks, tables, planes_at, searches_at, zero_codes, nonnegative, block_size):
         s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
-        # addresses taken once per part (see quant._numba.encode_block)
+        # addresses taken once per part (see the note above quant._numba.address)
         s_at = address(scratch[part])
         codebooks_at, tables_at = address(codebooks), address(tables)
         first, last = part_blocks(part, parts, block_starts[-1])
@@ -394,10 +394,12 @@ def update_part(record: type, p_half: bool, g_half: bool):
             for k in range(3):
                 if tensors[t, STATES + 2 * k] != 0:
                     mag = mag0 if k == 0 else mag1 if k == 1 else mag2
-                    encode_block(s_at + 4 * block_size * k, tensors[t, STATES + 2 * k],
-                                 tensors[t, STATES + 2 * k + 1], lb, start, end, mag,
+                    encode_block(s_at + 4 * block_size * k,
+                                 tensors[t, STATES + 2 * k] + np.int64(start),
+                                 np.int64(end - start), mag,
+                                 tensors[t, STATES + 2 * k + 1] + 4 * np.int64(lb),
                                  tables_at + 4 * tables.shape[1] * k,
-                                 offset(searches_at, SEARCH_BYTES * k),
-                                 zero_codes[k], nonnegative[k])
+                                 offset(searches_at, SEARCH_BYTES * k), zero_codes[k],
+                                 nonnegative[k])
 
     return kernel

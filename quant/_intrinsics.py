@@ -87,19 +87,6 @@ def umax(typingctx, a, b):
     return types.uint32(types.uint32, types.uint32), codegen
 
 
-@intrinsic
-def carry_code(typingctx, entry, low):
-    """``uint8((entry + low) >> 16)`` in 32-bit arithmetic (see ``_numba.nearest_code``)."""
-    if not (isinstance(entry, types.Integer) and isinstance(low, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        total = builder.add(_u32(builder, args[0]), _u32(builder, args[1]))
-        return builder.trunc(builder.lshr(total, ir.Constant(_I32, 16)), ir.IntType(8))
-
-    return types.uint8(entry, low), codegen
-
-
 # fp16 / bf16 bit patterns <-> fp32, in 32-bit integer IR. Why not LLVM's half and bfloat
 # types: without F16C or AVX-512 BF16 LLVM lowers their conversions to libgcc calls
 # (__extendhfsf2, __truncsfbf2) that older toolchains lack; and as numba functions these two
@@ -358,20 +345,43 @@ def raise_positive(builder, codes, words, floor):
     return builder.select(positive[0], raised, codes)
 
 
-def _encode16(builder, values, scale, table, codes, floor):
-    """Emit ``codes[k] = _numba.nearest_code(values[k] / scale, table)`` for ``k < 16``, raised
-    to at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`); IR values: the
+def _encode16(builder, values, scale, table, codes, floor, count=None):
+    """Emit ``codes[k]`` = the nearest code of ``values[k] / scale`` for ``k < 16``, raised to
+    at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`); IR values: the
     addresses ``values`` (fp32), ``table`` (uint32, ``_native.code_table``) and ``codes``
-    (uint8), the fp32 ``scale`` and the integer ``floor``."""
-    f32v = _vec(ir.FloatType())
-    x = builder.load(builder.bitcast(_ptr(builder, values, ir.FloatType()), f32v.as_pointer()),
-                     align=4)
+    (uint8), the fp32 ``scale`` and the integer ``floor``. With ``count`` (an i64 value below
+    16) only the first ``count`` lanes are read and written (masked; the others read 0.0).
+
+    The table's reading: the bits of y = value / scale above bit 16 pick a bin holding at most
+    one threshold; inside a bin the order of fp32 values is the order of their low 16 bits
+    (flipped for negative values: ``low``); the entry is (thresholds below the bin) << 16 plus
+    0xFFFF minus the low bits of the threshold inside it, if any, so ``entry + low`` carries
+    into bit 16 exactly when y is above that threshold: the code is ``(entry + low) >> 16``.
+    """
+    f32v, i8v = _vec(ir.FloatType()), _vec(ir.IntType(8))
+    source = builder.bitcast(_ptr(builder, values, ir.FloatType()), f32v.as_pointer())
+    target = _ptr(builder, codes, i8v)
+    mask = None
+    if count is not None:
+        lanes = _splat(builder, builder.trunc(count, _I32))
+        mask = builder.icmp_unsigned("<", _indices(range(_LANES)), lanes)
+        load = _function(builder, "llvm.masked.load.v16f32.p0", f32v,
+                         [source.type, _I32, mask.type, f32v])
+        x = builder.call(load, [source, ir.Constant(_I32, 4), mask,
+                                ir.Constant(f32v, [ir.Constant(ir.FloatType(), 0.0)] * _LANES)])
+    else:
+        x = builder.load(source, align=4)
     u = builder.bitcast(builder.fdiv(x, _splat(builder, scale)), _vec(_I32))
     low = builder.and_(builder.xor(u, builder.ashr(u, _words(31))), _words(0xFFFF))
     entry = _gather(builder, _ptr(builder, table, _I32), builder.lshr(u, _words(16)))
-    code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)), _vec(ir.IntType(8)))
+    code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)), i8v)
     code = raise_positive(builder, code, [u], floor)
-    builder.store(code, _ptr(builder, codes, _vec(ir.IntType(8))), align=1)
+    if mask is None:
+        builder.store(code, target, align=1)
+    else:
+        store = _function(builder, "llvm.masked.store.v16i8.p0", ir.VoidType(),
+                          [i8v, target.type, _I32, mask.type])
+        builder.call(store, [code, target, ir.Constant(_I32, 1), mask])
 
 
 def _decode16(builder, codes, codebook, scale, out):
@@ -487,39 +497,68 @@ def decode_run(typingctx, codes, n, codebook, planes, scale, out):
     return types.void(codes, n, codebook, planes, scale, out), codegen
 
 
+_NONFINITE = 0x7F800000  # abs_bits at and above this: inf or NaN
+
+
 @intrinsic
-def encode_run(typingctx, values, codes, n, scale, table, search, floor):
-    """``codes[k]`` = the nearest code of ``values[k] / scale`` (``_numba.nearest_code``),
-    raised to at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`), for ``k`` up
-    to ``n`` rounded down to a multiple of 16; returns that count (the caller encodes the last
-    ``n % 16`` values with ``nearest_code``). ``values`` (fp32, ``|values| <= scale``),
-    ``codes`` (uint8) and ``table`` (uint32, ``_native.code_table``) are addresses.
+def encode_block(typingctx, values, codes, n, mag, absmax, table, search, zero_code,
+                 nonnegative):
+    """Quantize one block of ``n`` fp32 values whose largest :func:`abs_bits` is ``mag``:
+    ``absmax[0]`` = the block's scale (``mag`` as fp32; NaN when it is inf or NaN) and
+    ``codes[k]`` = the nearest code of ``values[k] / scale`` for ``k < n`` (the nearest-code
+    table's reading, :func:`_encode16`). A degenerate block (all zeros, or holding inf/NaN) gets
+    ``zero_code`` everywhere, as the torch path. With ``nonnegative`` (issue 17's rule (b),
+    optimizer states on the unsigned map), a positive value whose nearest code is
+    ``zero_code`` gets ``zero_code + 1``. ``values``, ``codes`` (uint8), ``absmax`` (the block's
+    fp32 entry) and ``table`` (uint32, ``_native.code_table``) are addresses.
 
     The path is chosen here, by the type of ``search``: ``None`` compiles the portable loop, 16
-    values at a time by table gathers (:func:`_encode16`); an address (the VBMI search table)
-    compiles 64 at a time by the byte-permute search first (``_vbmi.encode64_ir``).
+    values at a time by table gathers; an address (the VBMI search table) compiles 64 at a time
+    by the byte-permute search first (``_vbmi.encode64_ir``). The last ``n % 16`` values take
+    one masked 16-lane step.
     """
-    if not (isinstance(values, types.Integer) and isinstance(codes, types.Integer)
-            and isinstance(n, types.Integer) and scale == types.float32
-            and isinstance(table, types.Integer) and isinstance(floor, types.Integer)
+    addresses = (values, codes, absmax, table)
+    if not (all(isinstance(a, types.Integer) for a in addresses)
+            and isinstance(n, types.Integer) and isinstance(mag, types.Integer)
+            and isinstance(zero_code, types.Integer)
+            and isinstance(nonnegative, (types.Boolean, types.Integer))
             and isinstance(search, (types.Integer, types.NoneType))):
         return None
     vbmi = isinstance(search, types.Integer)
 
     def codegen(context, builder, sig, args):
-        values_v, codes_v, n_v, scale_v, table_v, search_v, floor_v = args
-        b, i64 = builder, ir.IntType(64)
-        n_v = _i64(b, n_v, n)
-        done = ir.Constant(i64, 0)
-        if vbmi:
-            done = _loop(b, n_v, 64, lambda i: _vbmi_module().encode64_ir(
-                b, _at(b, values_v, i, 4), scale_v, search_v, _at(b, codes_v, i, 1), floor_v))
-        rest = _loop(b, b.sub(n_v, done), 16, lambda i: _encode16(
-            b, _at(b, values_v, b.add(done, i), 4), scale_v, table_v,
-            _at(b, codes_v, b.add(done, i), 1), floor_v))
-        return b.add(done, rest)
+        values_v, codes_v, n_v, mag_v, absmax_v, table_v, search_v, zero_v, nonneg_v = args
+        b, i64, i8 = builder, ir.IntType(64), ir.IntType(8)
+        n_v, mag_v = _i64(b, n_v, n), _u32(b, mag_v)
+        zero_v = b.trunc(zero_v, i8) if zero_v.type.width > 8 else zero_v
+        nonfinite = b.icmp_unsigned(">=", mag_v, ir.Constant(_I32, _NONFINITE))
+        nan = ir.Constant(_I32, 0x7FC00000)
+        scale = b.bitcast(b.select(nonfinite, nan, mag_v), ir.FloatType())
+        b.store(scale, _ptr(b, absmax_v, ir.FloatType()))
+        codes_p = _ptr(b, codes_v, i8)
+        degenerate = b.or_(b.icmp_unsigned("==", mag_v, ir.Constant(_I32, 0)), nonfinite)
+        with b.if_else(degenerate) as (zeros, normal):
+            with zeros:
+                _loop(b, n_v, 1, lambda i: b.store(zero_v, b.gep(codes_p, [i])))
+            with normal:
+                raised = b.icmp_unsigned("!=", nonneg_v, ir.Constant(nonneg_v.type, 0))
+                floor = b.select(raised, b.add(zero_v, ir.Constant(i8, 1)), ir.Constant(i8, 0))
+                done = ir.Constant(i64, 0)
+                if vbmi:
+                    done = _loop(b, n_v, 64, lambda i: _vbmi_module().encode64_ir(
+                        b, _at(b, values_v, i, 4), scale, search_v, _at(b, codes_v, i, 1),
+                        floor))
+                done = b.add(done, _loop(b, b.sub(n_v, done), 16, lambda i: _encode16(
+                    b, _at(b, values_v, b.add(done, i), 4), scale, table_v,
+                    _at(b, codes_v, b.add(done, i), 1), floor)))
+                left = b.sub(n_v, done)
+                with b.if_then(b.icmp_unsigned(">", left, ir.Constant(i64, 0))):
+                    _encode16(b, _at(b, values_v, done, 4), scale, table_v,
+                              _at(b, codes_v, done, 1), floor, count=left)
+        return context.get_dummy_value()
 
-    return types.int64(values, codes, n, scale, table, search, floor), codegen
+    return types.void(values, codes, n, mag, absmax, table, search, zero_code,
+                      nonnegative), codegen
 
 
 @intrinsic

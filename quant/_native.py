@@ -309,10 +309,11 @@ _pools: dict = {}
 class CodeTable(NamedTuple):
     """A codebook's tables for the kernels.
 
-    ``table``: the portable nearest-code table (:func:`eightbit.quant._numba.nearest_code`), or
-    ``None`` when some bin would hold two thresholds (never for the codebooks of
-    :func:`~eightbit.quant.create_codebook`); ``thresholds`` (ending with +inf) then serve a
-    linear search. ``codebook``: the values, for dequantization. ``zero_code``: the code of 0.
+    ``table``: the portable nearest-code table (its reading:
+    :func:`eightbit.quant._intrinsics.encode_block`), or ``None`` when some bin would hold two
+    thresholds (never for the codebooks of :func:`~eightbit.quant.create_codebook`);
+    ``thresholds`` (ending with +inf) then serve a linear search. ``codebook``: the values, for
+    dequantization. ``zero_code``: the code of 0.
     """
 
     table: np.ndarray | None
@@ -329,7 +330,7 @@ def code_table(codebook: torch.Tensor) -> CodeTable:
 
 def address(table: np.ndarray | None) -> int | None:
     """A table's address for a kernel, ``None`` for ``None``: a kernel given ``None`` for a VBMI
-    table is compiled without that path (``_numba.encode_block``)."""
+    table is compiled without that path (``_intrinsics.encode_block``)."""
     return None if table is None else table.ctypes.data
 
 

@@ -1,4 +1,4 @@
-"""Numba kernels of the CPU path: blockwise quantize and dequantize, and the block helpers the
+"""Numba kernels of the CPU path: blockwise quantize and dequantize, and the small helpers the
 optimizer driver of ``eightbit.functional._numba`` shares.
 
 Imported by :mod:`eightbit.quant._native` on the first CPU call, never by ``import eightbit``.
@@ -7,13 +7,13 @@ Shape of every kernel: a serial ``@njit(cache=True, nogil=True)`` function does 
 OpenMP threads or Python threads (the kernels release the GIL). No fast-math: division, sqrt
 and rounding are IEEE fp32, as in the torch path, the oracle these kernels are tested against.
 
-Two search paths find nearest codes: the portable one (table gathers,
-:func:`._intrinsics.encode_run`, and :func:`nearest_code` for the last values of a block), and,
-where the CPU has AVX-512 VBMI, the byte-permute one of :mod:`._vbmi`. The kernels pass the
-VBMI tables' addresses, ``None`` where the path is off, to the run intrinsics
-(:func:`._intrinsics.encode_run`, :func:`._intrinsics.decode_run`), which choose by that
-argument's type: numba compiles a variant of the kernel per path, holding only that path's
-loops. Half-precision tensors arrive as
+A block is encoded and decoded by two intrinsics, :func:`._intrinsics.encode_block` and
+:func:`._intrinsics.decode_run`, which emit the block's whole loop into the kernel (no helper
+function to compile). Two search paths find nearest codes: the portable one (a nearest-code
+table read by gathers) and, where the CPU has AVX-512 VBMI, the byte-permute one of
+:mod:`._vbmi`. The kernels pass the VBMI tables' addresses, ``None`` where the path is off,
+and the intrinsics choose by that argument's type: numba compiles a variant of the kernel per
+path, holding only that path's loops. Half-precision tensors arrive as
 ``uint16`` bit patterns with a format flag, :data:`F16` or :data:`BF16` (numba has no CPU
 float16 or bfloat16).
 """
@@ -25,16 +25,14 @@ from ._native import set_cache_dir
 set_cache_dir()  # before numba is first imported (EIGHTBIT_CACHE_DIR)
 
 import numpy as np  # noqa: E402
-from numba import carray, int32, njit, types, uint32, uint64  # noqa: E402
+from numba import carray, njit, types, uint32, uint64  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
 from ._intrinsics import (  # noqa: E402
     abs_bits,
     bits_f32,
-    carry_code,
     decode_run,
-    encode_run,
-    f32_bits,
+    encode_block,
     f32_to_half,
     half_to_f32,
     pointer,
@@ -43,17 +41,12 @@ from ._intrinsics import (  # noqa: E402
 )
 
 F32, F16, BF16 = 0, 1, 2
-TABLE_SIZE = 1 << 16  # entries of a nearest-code table (``_native.code_table``)
 
 # Serial parts; numpy's error model: a division gets no zero check (a branch that stops a loop
 # from vectorizing).
 part_kernel = njit(cache=True, nogil=True, error_model="numpy")
 # Element helpers, inlined into the kernels' numba IR.
 inline = njit(inline="always", cache=True, error_model="numpy")
-# The one block helper, encode_block, is compiled on its own and called: inlined, first use was
-# no faster (paired runs, docs/cpu-kernels.md), and numba's inliner dropped its absmax store in
-# a kernel that also inlined an overload (``load``).
-block_helper = njit(cache=True, nogil=True, error_model="numpy")
 
 
 @inline
@@ -137,53 +130,9 @@ def degenerate(mag):
     return mag == 0 or mag >= uint32(0x7F800000)
 
 
-@inline
-def nearest_code(y, table):
-    """Number of thresholds strictly below fp32 ``y`` (``|y| <= 1``), by one table lookup.
-
-    The bits of ``y`` above bit 16 pick a bin holding at most one threshold. Inside a bin the
-    order of fp32 values is the order of their low 16 bits (flipped for negative values:
-    ``low``). The entry is (thresholds below the bin) << 16 plus 0xFFFF minus the low bits of
-    the threshold inside it, if any (``_native.code_table``): ``entry + low`` carries into bit
-    16 exactly when ``low`` is above the threshold's.
-    """
-    u = f32_bits(y)
-    low = (u ^ uint32(int32(u) >> int32(31))) & uint32(0xFFFF)
-    return carry_code(table[u >> uint32(16)], low)
-
-
-# Block helpers take addresses (int64), not arrays: reading ``arr.ctypes.data`` counts a
+# The block intrinsics take addresses (int64), not arrays: reading ``arr.ctypes.data`` counts a
 # reference on the array's owner, an atomic operation that threads sharing a table contend on
 # (two threads ran no faster than one). Kernels take each address once per part.
-
-
-@block_helper
-def encode_block(values_at, codes_at, absmax_at, b, start, end, mag, table_at, search_at,
-                 zero_code, nonnegative):
-    """Block ``b``: ``absmax[b] = block_scale(mag)`` and ``codes[start:end]`` = the nearest codes
-    of ``values[: end - start] / absmax[b]`` (fp32 values whose max :func:`abs_bits` is
-    ``mag``): :func:`._intrinsics.encode_run` (by VBMI where ``search_at``, the VBMI search
-    table's address, is given; ``None`` compiles the portable loop only), then the last
-    ``(end - start) % 16`` values by :func:`nearest_code`. A degenerate block gets
-    ``zero_code``. With ``nonnegative`` (issue 17's rule (b), optimizer states on the unsigned
-    map), a positive value whose nearest code is ``zero_code`` gets ``zero_code + 1``."""
-    scale = block_scale(mag)
-    absmax = view(absmax_at, b + 1, np.float32)
-    absmax[b] = scale
-    codes = view(codes_at, end, np.uint8)
-    if degenerate(mag):
-        for i in range(start, end):
-            codes[i] = zero_code
-    else:
-        floor = zero_code + np.uint8(1) if nonnegative else np.uint8(0)
-        full = start + uint64(encode_run(values_at, codes_at + np.int64(start),
-                                         np.int64(end - start), scale, table_at, search_at,
-                                         floor))
-        values, table = view(values_at, end - start, np.float32), view(table_at, TABLE_SIZE,
-                                                                       np.uint32)
-        for i in range(full, end):
-            code = nearest_code(values[i - start] / scale, table)
-            codes[i] = floor if values[i - start] > 0 and code < floor else code
 
 
 @inline
@@ -196,7 +145,7 @@ def address(x):
 def quantize_part(part, parts, x, fmt, codes, absmax, table, search_at, zero_code, block_size,
                   scratch):
     """Part ``part`` of ``parts`` of quantize; ``search_at``: the VBMI search table's address,
-    or ``None`` for the portable path (see :func:`encode_block`)."""
+    or ``None`` for the portable path (see :func:`._intrinsics.encode_block`)."""
     n = x.size
     first, last = part_blocks(part, parts, absmax.size)
     values = scratch[part]
@@ -213,14 +162,15 @@ def quantize_part(part, parts, x, fmt, codes, absmax, table, search_at, zero_cod
             for i in range(start, end):
                 values[i - start] = load(x, i, fmt)
             at = values_at
-        encode_block(at, codes_at, absmax_at, b, start, end, mag, table_at, search_at,
-                     zero_code, False)
+        encode_block(at, codes_at + np.int64(start), np.int64(end - start), mag,
+                     absmax_at + 4 * np.int64(b), table_at, search_at, zero_code, False)
 
 
 @njit(cache=True, nogil=True)
 def scan_code(y, thresholds):
     """Number of thresholds below ``y`` by linear search (``thresholds`` ends with +inf), for
-    codebooks whose thresholds are too close together for :func:`nearest_code`'s table."""
+    codebooks whose thresholds are too close together for a nearest-code table
+    (``_native.code_table``)."""
     code = 0
     while thresholds[code] < y:
         code += 1

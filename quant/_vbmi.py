@@ -70,7 +70,8 @@ PLANES_BYTES, SEARCH_BYTES = 1024, 1536
 def tables(codebook: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(planes, search)`` of a float32 codebook and its sorted midpoints; ``None`` where the
     VBMI path is off (:func:`in_use`) or, for ``search``, the thresholds do not fit it. A kernel
-    given ``None`` is compiled without that VBMI loop (``_numba.encode_block``).
+    given ``None`` is compiled without that VBMI loop (``_intrinsics.encode_block`` and
+    ``decode_run``).
 
     ``planes``: the codebook's four byte planes (1,024 bytes: byte k of value c at ``256 k + c``).
     ``search``: the three-level search table of :func:`encode64` (:func:`search_table`).
@@ -369,7 +370,7 @@ def decode64(typingctx, codes, planes, scale, out):
 @intrinsic
 def encode64(typingctx, values, scale, search, codes, floor):
     """:func:`encode64_ir` as a numba function (addresses, an fp32 ``scale``, an integer
-    ``floor``); the kernels use it through ``_intrinsics.encode_run``."""
+    ``floor``); the kernels use it through ``_intrinsics.encode_block``."""
     if not (_is_address(values, search, codes) and scale == types.float32
             and isinstance(floor, types.Integer)):
         return None

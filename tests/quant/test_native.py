@@ -478,16 +478,33 @@ def test_table_is_exact_for_every_bin_of_the_dynamic_map():
 
 
 @functools.cache
+def _table_code():
+    """The nearest-code table's reading for one fp32 value ``y`` (|y| <= 1) as a numba function,
+    as ``quant._intrinsics._encode16`` documents it: ``(entry + low) >> 16``, the entry at the
+    top 16 bits of y, ``low`` its low 16 bits (flipped for negative values)."""
+    from eightbit.quant._intrinsics import f32_bits
+    from numba import njit
+
+    @njit(inline="always")
+    def table_code(y, table):
+        u = np.uint32(f32_bits(y))
+        flip = np.uint32(0xFFFF) if u >> np.uint32(31) else np.uint32(0)
+        low = (u ^ flip) & np.uint32(0xFFFF)
+        return np.uint8((np.uint64(table[u >> np.uint32(16)]) + np.uint64(low)) >> np.uint64(16))
+
+    return table_code
+
+
+@functools.cache
 def _sweep_kernel():
     """A numba kernel: for every fp32 value in [0, 1] and its negative, 64 at a time, whether
-    encode64 (the register search, where the CPU has VBMI) gives nearest_code's code (the
-    table, checked above against searchsorted), raised to ``floor`` for positive values (issue
-    17's rule (b)). Returns the mismatches and the values seen."""
-    from eightbit.quant import _numba as kernels
+    encode64 (the register search, where the CPU has VBMI) gives the nearest-code table's code
+    (:func:`_table_code`, checked above against searchsorted), raised to ``floor`` for positive
+    values (issue 17's rule (b)). Returns the mismatches and the values seen."""
     from eightbit.quant._vbmi import encode64
     from numba import njit
 
-    nearest_code = kernels.nearest_code
+    nearest_code = _table_code()
 
     @njit(error_model="numpy")
     def sweep(table, search, stride, floor):
@@ -732,10 +749,10 @@ _FALLBACK = """
         out[cls.__name__] = (p.detach(), {k: v for k, v in opt.state[p].items()})
     # the portable search's code, compiled apart (the kernels' cached code cannot be inspected)
     from numba import njit, types
-    from eightbit.quant._intrinsics import encode_run
-    probe = njit(lambda x, c, n, s, t, f: encode_run(x, c, n, s, t, None, f))
+    from eightbit.quant._intrinsics import encode_block
+    probe = njit(lambda x, c, n, m, a, t, z: encode_block(x, c, n, m, a, t, None, z, False))
     i64 = types.int64
-    probe.compile((i64, i64, i64, types.float32, i64, types.uint8))
+    probe.compile((i64, i64, i64, types.uint32, i64, i64, types.uint8))
     out["asm"] = probe.inspect_asm(probe.signatures[0])
     torch.save(out, sys.argv[1])
 """
