@@ -141,8 +141,8 @@ def results_section(tables: dict, info: dict) -> str:
                   "Each in a fresh process with its own empty cache, as on a new machine: the "
                   "first call compiles (numba, then cached on disk); then a fresh process that "
                   "loads it. "
-                  "Kernels share helpers, so after one optimizer has compiled, the next one's "
-                  "first use is shorter than shown.",
+                  "Each kernel compiles on its own (they share no compiled helper); numba's "
+                  "own start-up (~0.3 s) is paid once per process, by the first kernel.",
                   markdown(tables["first use"])]
     parts += ["### Targets of the fused CPU paths",
               "Issue 21's targets are for the portable path; the VBMI path, where timed, is shown "
