@@ -1,9 +1,11 @@
-"""Small numba intrinsics of the CPU kernels (numba's public extension API, ``@intrinsic``): bit
-casts, fused multiply-add, 32-bit integer helpers, and a typed pointer from an integer address.
+"""Numba intrinsics of the CPU kernels (numba's public extension API, ``@intrinsic``): bit
+casts, fused multiply-add, 32-bit integer helpers, a typed pointer from an integer address, and
+the two block intrinsics, :func:`encode_block` and :func:`decode_run`.
 
 Why intrinsics: numba has no bit cast between float32 and uint32, no fma, and widens uint32
 arithmetic to 64 bits, which halves the width of the vectorized loops that keep a running max.
-An intrinsic emits its few LLVM instructions straight into the calling kernel.
+An intrinsic emits its LLVM instructions straight into the calling kernel; for a block's encode
+and decode that also spares each kernel the compile of a helper function of its own.
 """
 
 from __future__ import annotations
