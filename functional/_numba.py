@@ -8,10 +8,10 @@ not all finite gets 0.0 in every state), keep each state's absmax, and requantiz
 (rule (b) for states on the unsigned map: see ``quant._intrinsics.encode_block``).
 ``quant._native.run_parts`` runs its parts on threads.
 
-A rule is a plain function ``rule(h, f, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of fp32
-scalars holding the whole update of one element, as the CUDA ``*Rule::update`` does
+A rule is a plain function ``rule(h, f0, f1, p, g, s0, s1, s2, e0, e1) -> (p, s0, s1, s2)`` of
+fp32 scalars holding the whole update of one element, as the CUDA ``*Rule::update`` does
 (functional/cuda/*.cu): ``h`` is the optimizer's hyperparameter record (a NamedTuple of fp32
-values, whose class selects the rule and its variant's flags ``f`` at compile time,
+values, whose class selects the rule and its variant's flags ``f0, f1`` at compile time,
 :func:`update_part`), ``s0..s2`` the dequantized states (a state the variant does not use is
 returned as 0), ``e0, e1`` the per-parameter values of this step (Adam's bias corrections,
 SGD's first-step flag, Adagrad's step size). The arithmetic is the torch path's
@@ -163,10 +163,9 @@ def maximum(a, b):
 
 
 @inline
-def adam_rule(h, f, p, g, m, v, v_max, inv_bc2_sqrt, neg_step_size):
+def adam_rule(h, amsgrad, _f1, p, g, m, v, v_max, inv_bc2_sqrt, neg_step_size):
     """Adam/AdamW (states m, v, max of v); ``inv_bc2_sqrt`` = 1 / sqrt(1 - beta2^t) rounded
-    once, ``neg_step_size`` = -lr / (1 - beta1^t); ``f``: (amsgrad,)."""
-    amsgrad = f[0]
+    once, ``neg_step_size`` = -lr / (1 - beta1^t)."""
     p = p * h.decay
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     m = lerp(m, g, h.beta1_weight)
@@ -178,9 +177,8 @@ def adam_rule(h, f, p, g, m, v, v_max, inv_bc2_sqrt, neg_step_size):
 
 
 @inline
-def rmsprop_rule(h, f, p, g, square_avg, buf, grad_avg, _e0, _e1):
-    """RMSprop (states square_avg, momentum_buffer, grad_avg); ``f``: (use_momentum, centered)."""
-    use_momentum, centered = f
+def rmsprop_rule(h, use_momentum, centered, p, g, square_avg, buf, grad_avg, _e0, _e1):
+    """RMSprop (states square_avg, momentum_buffer, grad_avg)."""
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     square_avg = fma(h.one_minus_alpha * g, g, square_avg * h.alpha)
     if centered:
@@ -200,7 +198,7 @@ def rmsprop_rule(h, f, p, g, square_avg, buf, grad_avg, _e0, _e1):
 
 
 @inline
-def lion_rule(h, _f, p, g, m, _s1, _s2, _e0, _e1):
+def lion_rule(h, _f0, _f1, p, g, m, _s1, _s2, _e0, _e1):
     """Lion (arXiv:2302.06675, Algorithm 2; state m)."""
     c = fma(h.one_minus_beta1, g, m * h.beta1)
     sign = F32(ZERO < c) - F32(c < ZERO)
@@ -210,11 +208,9 @@ def lion_rule(h, _f, p, g, m, _s1, _s2, _e0, _e1):
 
 
 @inline
-def sgd_rule(h, f, p, g, buf, _s1, _s2, first_step, _e1):
+def sgd_rule(h, use_momentum, nesterov, p, g, buf, _s1, _s2, first_step, _e1):
     """SGD with momentum, dampening, Nesterov (state momentum_buffer); ``first_step`` is 1.0 on
-    a buffer's first step (torch sets it to the gradient), else 0.0; ``f``: (use_momentum,
-    nesterov)."""
-    use_momentum, nesterov = f
+    a buffer's first step (torch sets it to the gradient), else 0.0."""
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     if use_momentum:
         buf = g if first_step != 0 else fma(h.one_minus_dampening, g, buf * h.momentum)
@@ -225,7 +221,7 @@ def sgd_rule(h, f, p, g, buf, _s1, _s2, first_step, _e1):
 
 
 @inline
-def adagrad_rule(h, _f, p, g, state_sum, _s1, _s2, neg_clr, _e1):
+def adagrad_rule(h, _f0, _f1, p, g, state_sum, _s1, _s2, neg_clr, _e1):
     """Adagrad (state sum); ``neg_clr`` = -lr / (1 + (t - 1) lr_decay)."""
     g = fma(h.l2, p, g) if h.l2 != 0 else g
     state_sum = fma(g, g, state_sum)
@@ -314,7 +310,9 @@ def update_part(record: type, p_half: bool, g_half: bool):
     Example: ``update_part(AdamHyper, False, False)`` is Adam's fp32 kernel.
     """
     family, names, used = _rule_of(record)
-    f = tuple(getattr(record, name) for name in names)
+    # the flags as two plain constants: numba drops the branches a variant does not take inside
+    # the inlined rule (from a tuple of flags it did not, and typed and lowered every branch)
+    f0, f1 = (*(getattr(record, name) for name in names), False, False)[:2]
     used0, used1, used2 = used(record)
     p_type, g_type = (np.uint16 if half else np.float32 for half in (p_half, g_half))
 
@@ -352,15 +350,15 @@ def update_part(record: type, p_half: bool, g_half: bool):
                 d = s2[j] if used2 else ZERO
                 # family and the flags are constants: numba keeps one branch, before it inlines
                 if family == ADAM:
-                    pv, a, c, d = adam_rule(h, f, pv, gv, a, c, d, e0, e1)
+                    pv, a, c, d = adam_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
                 elif family == RMSPROP:
-                    pv, a, c, d = rmsprop_rule(h, f, pv, gv, a, c, d, e0, e1)
+                    pv, a, c, d = rmsprop_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
                 elif family == LION:
-                    pv, a, c, d = lion_rule(h, f, pv, gv, a, c, d, e0, e1)
+                    pv, a, c, d = lion_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
                 elif family == SGD:
-                    pv, a, c, d = sgd_rule(h, f, pv, gv, a, c, d, e0, e1)
+                    pv, a, c, d = sgd_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
                 else:
-                    pv, a, c, d = adagrad_rule(h, f, pv, gv, a, c, d, e0, e1)
+                    pv, a, c, d = adagrad_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
                 if p_half:
                     store_half(p, i, pv, p_fmt, seed)
                 else:
