@@ -235,3 +235,12 @@ def test_interleaved_spreads_calls_round_robin_and_settles_after_each():
     assert [n for n, _ in order] == ["a", "a", "b", "a", "a", "b"]
     gaps = [b - a for (_, a), (_, b) in zip(order[:-1], order[1:], strict=True)]
     assert min(gaps) >= 0.005  # the pause follows every call, outside the timings
+
+
+def test_first_use_table_shows_the_median_compile_and_every_run():
+    first_use = {"Adam8bit float32": {"cold": {"first use": 1.5, "path": PORTABLE},
+                                      "warm": {"first use": 0.25, "path": PORTABLE},
+                                      "cold runs": [1.2, 1.5, 2.1]}}
+    header, row = bench_report.first_use_table(first_use)
+    assert header[2] == "empty cache (compiles): median (runs)"
+    assert row == ["Adam8bit float32", PORTABLE, "1.50 s (1.20, 1.50, 2.10)", "0.25 s"]

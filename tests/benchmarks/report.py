@@ -146,10 +146,13 @@ TARGET_CELL = (16 << 20, 1)  # the cell the CPU targets are stated for: 16M para
 
 def first_use_table(first_use: dict) -> list[list[str]]:
     """First use of each fused CPU kernel in a fresh process (bench_native.compile_times)."""
-    rows = [["first call in a fresh process", "path", "empty cache (compiles)", "cached"]]
+    rows = [["first call in a fresh process", "path", "empty cache (compiles): median (runs)",
+             "cached"]]
     for name, row in first_use.items():
         cold, warm = row["cold"]["first use"], row["warm"]["first use"]
-        rows.append([name, row["cold"].get("path", "-"), f"{cold:.2f} s", f"{warm:.2f} s"])
+        runs = ", ".join(f"{t:.2f}" for t in row.get("cold runs", []))
+        rows.append([name, row["cold"].get("path", "-"),
+                     f"{cold:.2f} s" + (f" ({runs})" if runs else ""), f"{warm:.2f} s"])
     return rows
 
 

@@ -139,8 +139,8 @@ def results_section(tables: dict, info: dict) -> str:
     if tables.get("first use"):
         parts += ["### First use of the fused CPU kernels (numba)",
                   "Each in a fresh process with its own empty cache, as on a new machine: the "
-                  "first call compiles (numba, then cached on disk); then a fresh process that "
-                  "loads it. "
+                  "first call compiles (numba, then cached on disk), three times, the median "
+                  "shown with every run; then a fresh process that loads it. "
                   "Each kernel compiles on its own (they share no compiled helper); numba's "
                   "own start-up (~0.3 s) is paid once per process, by the first kernel.",
                   markdown(tables["first use"])]
