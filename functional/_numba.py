@@ -31,6 +31,7 @@ import numpy as np
 from numba import uint32
 
 from ..quant._intrinsics import (
+    NONFINITE_BITS,
     abs_bits,
     decode_run,
     encode_block,
@@ -275,7 +276,7 @@ def store_half(p, i, value, fmt, seed):
 # STATES + 2k and STATES + 2k + 1 (0 for a state that is off). ``block_starts[t]`` is the first
 # block of parameter t in the sequence of all parameters' blocks (its last entry the total).
 P, G, NUMEL, SEED, STATES = 0, 1, 2, 3, 4
-INF_BITS = uint32(0x7F800000)
+INF_BITS = uint32(NONFINITE_BITS)
 
 
 @inline

@@ -18,6 +18,9 @@ from numba import types
 from numba.extending import intrinsic
 
 _I32 = ir.IntType(32)
+# fp32 bit patterns: abs_bits at and above NONFINITE_BITS is inf or NaN; a block holding one
+# gets the quiet NaN NAN_BITS as its absmax (as the torch path)
+NONFINITE_BITS, NAN_BITS = 0x7F800000, 0x7FC00000
 
 
 def _u32(builder, value):
@@ -499,7 +502,6 @@ def decode_run(typingctx, codes, n, codebook, planes, scale, out):
     return types.void(codes, n, codebook, planes, scale, out), codegen
 
 
-_NONFINITE = 0x7F800000  # abs_bits at and above this: inf or NaN
 
 
 @intrinsic
@@ -533,8 +535,8 @@ def encode_block(typingctx, values, codes, n, mag, absmax, table, search, zero_c
         b, i64, i8 = builder, ir.IntType(64), ir.IntType(8)
         n_v, mag_v = _i64(b, n_v, n), _u32(b, mag_v)
         zero_v = b.trunc(zero_v, i8) if zero_v.type.width > 8 else zero_v
-        nonfinite = b.icmp_unsigned(">=", mag_v, ir.Constant(_I32, _NONFINITE))
-        nan = ir.Constant(_I32, 0x7FC00000)
+        nonfinite = b.icmp_unsigned(">=", mag_v, ir.Constant(_I32, NONFINITE_BITS))
+        nan = ir.Constant(_I32, NAN_BITS)
         scale = b.bitcast(b.select(nonfinite, nan, mag_v), ir.FloatType())
         b.store(scale, _ptr(b, absmax_v, ir.FloatType()))
         codes_p = _ptr(b, codes_v, i8)

@@ -29,6 +29,8 @@ from numba import carray, njit, types, uint32, uint64  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
 from ._intrinsics import (  # noqa: E402
+    NAN_BITS,
+    NONFINITE_BITS,
     abs_bits,
     bits_f32,
     decode_run,
@@ -118,16 +120,19 @@ def prefetch_next(at, itemsize, start, end):
         prefetch(ahead + line)
 
 
+# The block rules of quantize_scan; _intrinsics.encode_block emits the same two in IR.
+
+
 @inline
 def block_scale(mag):
     """absmax from the max of a block's :func:`abs_bits`: 0 for zeros, NaN when non-finite."""
-    return bits_f32(uint32(0x7FC00000) if mag >= uint32(0x7F800000) else mag)
+    return bits_f32(uint32(NAN_BITS) if mag >= uint32(NONFINITE_BITS) else mag)
 
 
 @inline
 def degenerate(mag):
     """A block of zeros, or one holding inf/NaN: it gets the code of zero (as the torch path)."""
-    return mag == 0 or mag >= uint32(0x7F800000)
+    return mag == 0 or mag >= uint32(NONFINITE_BITS)
 
 
 # The block intrinsics take addresses (int64), not arrays: reading ``arr.ctypes.data`` counts a

@@ -4,10 +4,12 @@ tables and their byte layout, and the two LLVM-level operations that use byte pe
 Why: a gathered table load costs about a cycle per element on Zen 4, more than the rest of a
 quantize loop. AVX-512 VBMI's two-table byte permute (vpermi2b) looks up 64 bytes at once in a
 128-byte table held in registers, so where the CPU has it
-  * :func:`decode64` reads 64 codebook values by permuting the codebook's four byte planes, and
-  * :func:`encode64` finds the nearest codes of 64 values by a three-level byte search.
-Everything else (and every CPU without VBMI) takes the portable path of ``_numba``; the kernels
-choose with one ``if`` on whether :func:`tables` gave them non-empty tables. Measurements are in
+  * :func:`decode64_ir` reads 64 codebook values by permuting the codebook's four byte planes,
+    and
+  * :func:`encode64_ir` finds the nearest codes of 64 values by a three-level byte search.
+Everything else (and every CPU without VBMI) takes the portable path; the block intrinsics of
+``_intrinsics`` (``encode_block``, ``decode_run``) emit these bodies where :func:`tables` gave
+the kernel tables, and only the portable loop where it gave ``None``. Measurements are in
 docs/cpu-kernels.md.
 
 The switch: ``EIGHTBIT_CPU_PATH=auto`` (default: VBMI where the CPU numba compiles for has it),
@@ -100,7 +102,7 @@ def _order_keys(values: np.ndarray) -> np.ndarray:
 
 
 def search_table(mids: np.ndarray) -> np.ndarray | None:
-    """The register-search table of ``_intrinsics.encode64`` for sorted fp32 thresholds, or
+    """The register-search table of :func:`encode64_ir` for sorted fp32 thresholds, or
     ``None`` when they do not fit it.
 
     1,536 bytes. Per row (the sign and octave of y: bits 23..31 of its key; the 128 octaves
@@ -354,23 +356,10 @@ def encode64_ir(builder, values, scale, search, codes, floor):
 
 
 @intrinsic
-def decode64(typingctx, codes, planes, scale, out):
-    """:func:`decode64_ir` as a numba function (addresses and an fp32 ``scale``); the kernels
-    use it through ``_intrinsics.decode_run``."""
-    if not (_is_address(codes, planes, out) and scale == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        decode64_ir(builder, *args)
-        return context.get_dummy_value()
-
-    return types.void(codes, planes, scale, out), codegen
-
-
-@intrinsic
 def encode64(typingctx, values, scale, search, codes, floor):
     """:func:`encode64_ir` as a numba function (addresses, an fp32 ``scale``, an integer
-    ``floor``); the kernels use it through ``_intrinsics.encode_block``."""
+    ``floor``), for the tests that sweep the search on its own; the kernels emit
+    :func:`encode64_ir` through ``_intrinsics.encode_block``."""
     if not (_is_address(values, search, codes) and scale == types.float32
             and isinstance(floor, types.Integer)):
         return None
