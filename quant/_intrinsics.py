@@ -350,12 +350,11 @@ def raise_positive(builder, codes, words, floor):
     return builder.select(positive[0], raised, codes)
 
 
-def _encode16(builder, values, scale, table, codes, floor, count=None):
+def _encode16(builder, values, scale, table, codes, floor):
     """Emit ``codes[k]`` = the nearest code of ``values[k] / scale`` for ``k < 16``, raised to
     at least ``floor`` where ``values[k] > 0`` (:func:`raise_positive`); IR values: the
     addresses ``values`` (fp32), ``table`` (uint32, ``_native.code_table``) and ``codes``
-    (uint8), the fp32 ``scale`` and the integer ``floor``. With ``count`` (an i64 value below
-    16) only the first ``count`` lanes are read and written (masked; the others read 0.0).
+    (uint8), the fp32 ``scale`` and the integer ``floor``.
 
     The table's reading: the bits of y = value / scale above bit 16 pick a bin holding at most
     one threshold; inside a bin the order of fp32 values is the order of their low 16 bits
@@ -364,29 +363,12 @@ def _encode16(builder, values, scale, table, codes, floor, count=None):
     into bit 16 exactly when y is above that threshold: the code is ``(entry + low) >> 16``.
     """
     f32v, i8v = _vec(ir.FloatType()), _vec(ir.IntType(8))
-    source = builder.bitcast(_ptr(builder, values, ir.FloatType()), f32v.as_pointer())
-    target = _ptr(builder, codes, i8v)
-    mask = None
-    if count is not None:
-        lanes = _splat(builder, builder.trunc(count, _I32))
-        mask = builder.icmp_unsigned("<", _indices(range(_LANES)), lanes)
-        load = _function(builder, "llvm.masked.load.v16f32.p0", f32v,
-                         [source.type, _I32, mask.type, f32v])
-        x = builder.call(load, [source, ir.Constant(_I32, 4), mask,
-                                ir.Constant(f32v, [ir.Constant(ir.FloatType(), 0.0)] * _LANES)])
-    else:
-        x = builder.load(source, align=4)
+    x = builder.load(_ptr(builder, values, f32v), align=4)
     u = builder.bitcast(builder.fdiv(x, _splat(builder, scale)), _vec(_I32))
     low = builder.and_(builder.xor(u, builder.ashr(u, _words(31))), _words(0xFFFF))
     entry = _gather(builder, _ptr(builder, table, _I32), builder.lshr(u, _words(16)))
     code = builder.trunc(builder.lshr(builder.add(entry, low), _words(16)), i8v)
-    code = raise_positive(builder, code, [u], floor)
-    if mask is None:
-        builder.store(code, target, align=1)
-    else:
-        store = _function(builder, "llvm.masked.store.v16i8.p0", ir.VoidType(),
-                          [i8v, target.type, _I32, mask.type])
-        builder.call(store, [code, target, ir.Constant(_I32, 1), mask])
+    builder.store(raise_positive(builder, code, [u], floor), _ptr(builder, codes, i8v), align=1)
 
 
 def _decode16(builder, codes, codebook, scale, out):
@@ -444,9 +426,69 @@ def _loop(builder, count, step, body):
     builder.position_at_end(work)
     body(i)
     i.add_incoming(builder.add(i, ir.Constant(i64, step)), builder.block)
-    builder.branch(head)
+    builder.branch(head).set_metadata("llvm.loop", _not_unrolled(builder.module))
     builder.position_at_end(done)
     return whole
+
+
+def _not_unrolled(module):
+    """Loop metadata asking LLVM not to unroll a loop: the bodies are already 16 or 64 lanes
+    wide, and unrolled they were emitted up to three times (a larger compile, no faster)."""
+    # a loop's id is a node whose first operand is itself (LLVM LangRef, "llvm.loop")
+    loop = module.add_metadata([ir.MetaDataString(module, f"loop{len(module.metadata)}")])
+    loop.operands = (loop, module.add_metadata([
+        ir.MetaDataString(module, "llvm.loop.unroll.disable")]))
+    return loop
+
+
+def _steps16(builder, count, source, source_size, target, target_size, body):
+    """Emit ``body(source_at, target_at)`` for each 16 elements of ``count`` (an i64 value):
+    the addresses of 16 elements of ``source_size`` and ``target_size`` bytes from the integer
+    addresses ``source`` and ``target``. The last ``count % 16`` elements are copied into a
+    zeroed row on the stack, go through the same body, and their results are copied out. Why:
+    one copy of the body in the kernel; a tail of its own (scalar, or masked, which LLVM
+    scalarizes on AVX2) was a third of a block loop's code."""
+    b, i64 = builder, ir.IntType(64)
+    rows = [ir.ArrayType(ir.IntType(8), 16 * size) for size in (source_size, target_size)]
+    with b.goto_entry_block():  # (an alloca in the loop would grow the stack each block)
+        rows = [b.alloca(row) for row in rows]
+    row_in, row_out = (b.ptrtoint(row, i64) for row in rows)
+    whole = b.mul(b.udiv(count, ir.Constant(i64, 16)), ir.Constant(i64, 16))
+    left = b.sub(count, whole)
+    some_left = b.icmp_unsigned("!=", left, ir.Constant(i64, 0))
+    with b.if_then(some_left):
+        _memset(b, row_in, 0, ir.Constant(i64, 16 * source_size))
+        _memcpy(b, row_in, _at(b, source, whole, source_size),
+                b.mul(left, ir.Constant(i64, source_size)))
+
+    def step(i):
+        last = b.icmp_unsigned("==", i, whole)
+        body(b.select(last, row_in, _at(b, source, i, source_size)),
+             b.select(last, row_out, _at(b, target, i, target_size)))
+
+    _loop(b, b.add(count, ir.Constant(i64, 15)), 16, step)
+    with b.if_then(some_left):
+        _memcpy(b, _at(b, target, whole, target_size), row_out,
+                b.mul(left, ir.Constant(i64, target_size)))
+
+
+def _memcpy(builder, target, source, size):
+    """Copy ``size`` bytes (an i64 value) from integer address ``source`` to ``target``."""
+    i8, i64 = ir.IntType(8), ir.IntType(64)
+    fn = _function(builder, "llvm.memcpy.p0.p0.i64", ir.VoidType(),
+                   [i8.as_pointer(), i8.as_pointer(), i64, ir.IntType(1)])
+    builder.call(fn, [_ptr(builder, target, i8), _ptr(builder, source, i8), size,
+                      ir.Constant(ir.IntType(1), 0)])
+
+
+def _memset(builder, target, byte, size):
+    """Set ``size`` bytes (an i64 value) at integer address ``target`` to ``byte`` (an i8
+    value or a Python int)."""
+    i8, i64 = ir.IntType(8), ir.IntType(64)
+    fn = _function(builder, "llvm.memset.p0.i64", ir.VoidType(),
+                   [i8.as_pointer(), i8, i64, ir.IntType(1)])
+    byte = ir.Constant(i8, byte) if isinstance(byte, int) else byte
+    builder.call(fn, [_ptr(builder, target, i8), byte, size, ir.Constant(ir.IntType(1), 0)])
 
 
 def _at(builder, base, i, size):
@@ -468,7 +510,7 @@ def decode_run(typingctx, codes, n, codebook, planes, scale, out):
     The path is chosen here, by the type of ``planes``: ``None`` compiles the portable loop, 16
     codes at a time by scalar loads (:func:`_decode16`); an address (the codebook's VBMI byte
     planes) compiles 64 at a time by byte permutes first (``_vbmi.decode64_ir``). The last
-    ``n % 16`` values are read one by one.
+    ``n % 16`` codes go through the 16-lane body from a padded row (:func:`_steps16`).
     """
     if not (isinstance(codes, types.Integer) and isinstance(n, types.Integer)
             and isinstance(codebook, types.Integer) and isinstance(out, types.Integer)
@@ -478,25 +520,14 @@ def decode_run(typingctx, codes, n, codebook, planes, scale, out):
 
     def codegen(context, builder, sig, args):
         codes_v, n_v, codebook_v, planes_v, scale_v, out_v = args
-        b, i64, f32 = builder, ir.IntType(64), ir.FloatType()
+        b, i64 = builder, ir.IntType(64)
         n_v = _i64(b, n_v, n)
         done = ir.Constant(i64, 0)
         if vbmi:
             done = _loop(b, n_v, 64, lambda i: _vbmi_module().decode64_ir(
                 b, _at(b, codes_v, i, 1), planes_v, scale_v, _at(b, out_v, i, 4)))
-        rest = _loop(b, b.sub(n_v, done), 16, lambda i: _decode16(
-            b, _at(b, codes_v, b.add(done, i), 1), codebook_v, scale_v,
-            _at(b, out_v, b.add(done, i), 4)))
-        done = b.add(done, rest)
-        codes_p, book, out_p = _ptr(b, codes_v, ir.IntType(8)), _ptr(b, codebook_v, f32), \
-            _ptr(b, out_v, f32)
-
-        def one(i):
-            k = b.add(done, i)
-            code = b.zext(b.load(b.gep(codes_p, [k])), i64)
-            b.store(b.fmul(b.load(b.gep(book, [code])), scale_v), b.gep(out_p, [k]))
-
-        _loop(b, b.sub(n_v, done), 1, one)
+        _steps16(b, b.sub(n_v, done), _at(b, codes_v, done, 1), 1, _at(b, out_v, done, 4), 4,
+                 lambda codes_at, out_at: _decode16(b, codes_at, codebook_v, scale_v, out_at))
         return context.get_dummy_value()
 
     return types.void(codes, n, codebook, planes, scale, out), codegen
@@ -518,8 +549,8 @@ def encode_block(typingctx, values, codes, n, mag, absmax, table, search, zero_c
 
     The path is chosen here, by the type of ``search``: ``None`` compiles the portable loop, 16
     values at a time by table gathers; an address (the VBMI search table) compiles 64 at a time
-    by the byte-permute search first (``_vbmi.encode64_ir``). The last ``n % 16`` values take
-    one masked 16-lane step.
+    by the byte-permute search first (``_vbmi.encode64_ir``). The last ``n % 16`` values go
+    through the 16-lane body from a padded row (:func:`_steps16`).
     """
     addresses = (values, codes, absmax, table)
     if not (all(isinstance(a, types.Integer) for a in addresses)
@@ -539,11 +570,10 @@ def encode_block(typingctx, values, codes, n, mag, absmax, table, search, zero_c
         nan = ir.Constant(_I32, NAN_BITS)
         scale = b.bitcast(b.select(nonfinite, nan, mag_v), ir.FloatType())
         b.store(scale, _ptr(b, absmax_v, ir.FloatType()))
-        codes_p = _ptr(b, codes_v, i8)
         degenerate = b.or_(b.icmp_unsigned("==", mag_v, ir.Constant(_I32, 0)), nonfinite)
         with b.if_else(degenerate) as (zeros, normal):
             with zeros:
-                _loop(b, n_v, 1, lambda i: b.store(zero_v, b.gep(codes_p, [i])))
+                _memset(b, codes_v, zero_v, n_v)
             with normal:
                 raised = b.icmp_unsigned("!=", nonneg_v, ir.Constant(nonneg_v.type, 0))
                 floor = b.select(raised, b.add(zero_v, ir.Constant(i8, 1)), ir.Constant(i8, 0))
@@ -552,13 +582,10 @@ def encode_block(typingctx, values, codes, n, mag, absmax, table, search, zero_c
                     done = _loop(b, n_v, 64, lambda i: _vbmi_module().encode64_ir(
                         b, _at(b, values_v, i, 4), scale, search_v, _at(b, codes_v, i, 1),
                         floor))
-                done = b.add(done, _loop(b, b.sub(n_v, done), 16, lambda i: _encode16(
-                    b, _at(b, values_v, b.add(done, i), 4), scale, table_v,
-                    _at(b, codes_v, b.add(done, i), 1), floor)))
-                left = b.sub(n_v, done)
-                with b.if_then(b.icmp_unsigned(">", left, ir.Constant(i64, 0))):
-                    _encode16(b, _at(b, values_v, done, 4), scale, table_v,
-                              _at(b, codes_v, done, 1), floor, count=left)
+                _steps16(b, b.sub(n_v, done), _at(b, values_v, done, 4), 4,
+                         _at(b, codes_v, done, 1), 1,
+                         lambda values_at, codes_at: _encode16(b, values_at, scale, table_v,
+                                                               codes_at, floor))
         return context.get_dummy_value()
 
     return types.void(values, codes, n, mag, absmax, table, search, zero_code,
