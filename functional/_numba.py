@@ -37,20 +37,13 @@ from ..quant._intrinsics import (
     encode_block,
     f32_to_half,
     fma,
+    half_to_f32,
     offset,
+    pointer,
     stochastic_bf16,
     umax,
 )
-from ..quant._numba import (
-    address,
-    block_range,
-    inline,
-    load_f32,
-    load_half,
-    part_blocks,
-    part_kernel,
-    view,
-)
+from ..quant._numba import address, block_range, inline, part_blocks, part_kernel
 from ..quant._vbmi import PLANES_BYTES, SEARCH_BYTES
 
 F32 = np.float32
@@ -258,25 +251,11 @@ def slots_of(record: type) -> tuple[bool, bool, bool]:
     return _rule_of(record)[2](record)
 
 
-@inline
-def store_f32(p, i, value, fmt, seed):
-    """``p[i] = value`` (an fp32 parameter): the fp32 loop carries no hash in registers."""
-    p[i] = value
-
-
-@inline
-def store_half(p, i, value, fmt, seed):
-    """``p[i]`` = fp32 ``value`` as half-precision bits (format ``fmt``); ``seed != 0`` (given
-    only for bf16 parameters: ``functional._native._seed``) rounds it stochastically
-    (:func:`stochastic_bf16`)."""
-    p[i] = stochastic_bf16(value, seed, i) if seed != 0 else np.uint16(f32_to_half(value, fmt))
-
-
 # The tensor table: one int64 row per parameter; state k's codes and absmax addresses at
 # STATES + 2k and STATES + 2k + 1 (0 for a state that is off). ``block_starts[t]`` is the first
 # block of parameter t in the sequence of all parameters' blocks (its last entry the total).
 P, G, NUMEL, SEED, STATES = 0, 1, 2, 3, 4
-INF_BITS = uint32(NONFINITE_BITS)
+INF_BITS, NO_BITS = uint32(NONFINITE_BITS), uint32(0)
 
 
 @inline
@@ -320,32 +299,33 @@ def update_part(record: type, p_half: bool, g_half: bool):
     @part_kernel
     def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_fmt, g_fmt,
                codebooks, tables, planes_at, searches_at, zero_codes, nonnegative, block_size):
-        s0, s1, s2 = scratch[part, 0], scratch[part, 1], scratch[part, 2]
-        # addresses taken once per part (see the note above quant._numba.address)
+        # element access through typed pointers (addresses taken once per part: see the note
+        # above quant._numba.address); scratch rows s0..s2 hold the block's states
         s_at = address(scratch[part])
+        s0 = pointer(s_at, np.float32)
+        s1, s2 = pointer(s_at + 4 * block_size, np.float32), \
+            pointer(s_at + 8 * block_size, np.float32)
         codebooks_at, tables_at = address(codebooks), address(tables)
         first, last = part_blocks(part, parts, block_starts[-1])
         t = np.int64(0)
         for b in range(first, last):
             t = locate(b, t, block_starts)
-            n = tensors[t, NUMEL]
-            blocks_of_n = (n + block_size - 1) // block_size
-            p, g = view(tensors[t, P], n, p_type), view(tensors[t, G], n, g_type)
+            p, g = pointer(tensors[t, P], p_type), pointer(tensors[t, G], g_type)
             e0, e1, seed = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED]
             lb = b - block_starts[t]
-            start, end = block_range(lb, block_size, n)
+            start, end = block_range(lb, block_size, tensors[t, NUMEL])
             for k in range(3):
                 if tensors[t, STATES + 2 * k] != 0:
-                    absmax = view(tensors[t, STATES + 2 * k + 1], blocks_of_n, np.float32)
+                    absmax = pointer(tensors[t, STATES + 2 * k + 1], np.float32)
                     decode_run(tensors[t, STATES + 2 * k] + np.int64(start),
                                np.int64(end - start), codebooks_at + 1024 * k,
                                offset(planes_at, PLANES_BYTES * k), absmax[lb],
                                s_at + 4 * block_size * k)
-            mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+            mag0 = mag1 = mag2 = NO_BITS
             for i in range(start, end):
                 j = i - start
-                pv = load_half(p, i, p_fmt) if p_half else load_f32(p, i, p_fmt)
-                gv = (load_half(g, i, g_fmt) if g_half else load_f32(g, i, g_fmt)) * g_sign
+                pv = half_to_f32(p[i], p_fmt) if p_half else p[i]
+                gv = (half_to_f32(g[i], g_fmt) if g_half else g[i]) * g_sign
                 a = s0[j] if used0 else ZERO
                 c = s1[j] if used1 else ZERO
                 d = s2[j] if used2 else ZERO
@@ -360,10 +340,12 @@ def update_part(record: type, p_half: bool, g_half: bool):
                     pv, a, c, d = sgd_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
                 else:
                     pv, a, c, d = adagrad_rule(h, f0, f1, pv, gv, a, c, d, e0, e1)
-                if p_half:
-                    store_half(p, i, pv, p_fmt, seed)
+                if not p_half:
+                    p[i] = pv
+                elif seed != 0:  # bf16 parameters: stochastic rounding (functional._native._seed)
+                    p[i] = stochastic_bf16(pv, seed, i)
                 else:
-                    store_f32(p, i, pv, p_fmt, seed)
+                    p[i] = np.uint16(f32_to_half(pv, p_fmt))
                 # (the streams of unused slots cost a sixth of an Adam8bit step)
                 if used0:
                     s0[j] = a
@@ -378,7 +360,7 @@ def update_part(record: type, p_half: bool, g_half: bool):
                 # A fresh state is not finite (rare): issue 17's rule (a) in a pass of its own,
                 # taken only when the block's max says so, costs nothing in the common case (in
                 # the loop above, a tenth of a step).
-                mag0, mag1, mag2 = uint32(0), uint32(0), uint32(0)
+                mag0 = mag1 = mag2 = NO_BITS
                 for j in range(end - start):
                     a = s0[j] if used0 else ZERO
                     c = s1[j] if used1 else ZERO
