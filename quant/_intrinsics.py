@@ -441,35 +441,51 @@ def _not_unrolled(module):
     return loop
 
 
-def _steps16(builder, count, source, source_size, target, target_size, body):
-    """Emit ``body(source_at, target_at)`` for each 16 elements of ``count`` (an i64 value):
-    the addresses of 16 elements of ``source_size`` and ``target_size`` bytes from the integer
-    addresses ``source`` and ``target``. The last ``count % 16`` elements are copied into a
-    zeroed row on the stack, go through the same body, and their results are copied out. Why:
-    one copy of the body in the kernel; a tail of its own (scalar, or masked, which LLVM
-    scalarizes on AVX2) was a third of a block loop's code."""
+def _steps16(builder, start, count, source, source_size, target, target_size, body):
+    """Emit ``body(source_at, target_at)`` over elements ``start .. count`` (i64 values), 16 at a
+    time: the addresses of 16 elements of ``source_size`` and ``target_size`` bytes from the
+    integer addresses ``source`` and ``target``. Where 16 does not divide what is left, the last
+    step is the 16 elements ending at ``count``: it overlaps the step before (or the 64-lane
+    loop's) and writes the same results again. Fewer than 16 elements in all are copied into a
+    zeroed row on the stack and out again. Why: the body appears once in the kernel, and the
+    loop is a plain counted loop but for one check when it ends (a tail of its own, scalar or
+    masked, was a third of a block loop's code; a select of addresses in every step cost
+    dequantize a tenth).
+    """
     b, i64 = builder, ir.IntType(64)
+
+    def c(v):
+        return ir.Constant(i64, v)
+
     rows = [ir.ArrayType(ir.IntType(8), 16 * size) for size in (source_size, target_size)]
     with b.goto_entry_block():  # (an alloca in the loop would grow the stack each block)
         rows = [b.alloca(row) for row in rows]
     row_in, row_out = (b.ptrtoint(row, i64) for row in rows)
-    whole = b.mul(b.udiv(count, ir.Constant(i64, 16)), ir.Constant(i64, 16))
-    left = b.sub(count, whole)
-    some_left = b.icmp_unsigned("!=", left, ir.Constant(i64, 0))
-    with b.if_then(some_left):
-        _memset(b, row_in, 0, ir.Constant(i64, 16 * source_size))
-        _memcpy(b, row_in, _at(b, source, whole, source_size),
-                b.mul(left, ir.Constant(i64, source_size)))
-
-    def step(i):
-        last = b.icmp_unsigned("==", i, whole)
-        body(b.select(last, row_in, _at(b, source, i, source_size)),
-             b.select(last, row_out, _at(b, target, i, target_size)))
-
-    _loop(b, b.add(count, ir.Constant(i64, 15)), 16, step)
-    with b.if_then(some_left):
-        _memcpy(b, _at(b, target, whole, target_size), row_out,
-                b.mul(left, ir.Constant(i64, target_size)))
+    small = b.icmp_unsigned("<", count, c(16))
+    with b.if_then(small):
+        _memset(b, row_in, 0, c(16 * source_size))
+        _memcpy(b, row_in, source, b.mul(count, c(source_size)))
+    source_v, target_v = b.select(small, row_in, source), b.select(small, row_out, target)
+    last = b.sub(b.select(small, c(16), count), c(16))  # where the last step starts
+    first = b.select(b.icmp_unsigned("<", start, last), start, last)
+    before = b.block
+    head, more, done = (b.append_basic_block(f"steps.{name}") for name in ("body", "more", "end"))
+    b.cbranch(b.icmp_unsigned("<", start, count), head, done)
+    b.position_at_end(head)
+    i = b.phi(i64)
+    body(_at(b, source_v, i, source_size), _at(b, target_v, i, target_size))
+    step = b.add(i, c(16))
+    whole = b.cbranch(b.icmp_unsigned("<=", step, last), head, more)
+    b.position_at_end(more)  # the overlapping last step, if any
+    part = b.cbranch(b.icmp_unsigned("<", step, b.add(last, c(16))), head, done)
+    for branch in (whole, part):
+        branch.set_metadata("llvm.loop", _not_unrolled(b.module))
+    i.add_incoming(first, before)
+    i.add_incoming(step, whole.parent)
+    i.add_incoming(last, more)
+    b.position_at_end(done)
+    with b.if_then(small):
+        _memcpy(b, target, row_out, b.mul(count, c(target_size)))
 
 
 def _memcpy(builder, target, source, size):
@@ -526,7 +542,7 @@ def decode_run(typingctx, codes, n, codebook, planes, scale, out):
         if vbmi:
             done = _loop(b, n_v, 64, lambda i: _vbmi_module().decode64_ir(
                 b, _at(b, codes_v, i, 1), planes_v, scale_v, _at(b, out_v, i, 4)))
-        _steps16(b, b.sub(n_v, done), _at(b, codes_v, done, 1), 1, _at(b, out_v, done, 4), 4,
+        _steps16(b, done, n_v, codes_v, 1, out_v, 4,
                  lambda codes_at, out_at: _decode16(b, codes_at, codebook_v, scale_v, out_at))
         return context.get_dummy_value()
 
@@ -582,8 +598,7 @@ def encode_block(typingctx, values, codes, n, mag, absmax, table, search, zero_c
                     done = _loop(b, n_v, 64, lambda i: _vbmi_module().encode64_ir(
                         b, _at(b, values_v, i, 4), scale, search_v, _at(b, codes_v, i, 1),
                         floor))
-                _steps16(b, b.sub(n_v, done), _at(b, values_v, done, 4), 4,
-                         _at(b, codes_v, done, 1), 1,
+                _steps16(b, done, n_v, values_v, 4, codes_v, 1,
                          lambda values_at, codes_at: _encode16(b, values_at, scale, table_v,
                                                                codes_at, floor))
         return context.get_dummy_value()

@@ -160,6 +160,24 @@ def test_shapes_sizes_and_non_contiguous_input(dtype):
     assert_identical(x[:, ::3], codebook, 64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_length_of_a_last_block_is_encoded_and_decoded_as_the_torch_path(dtype):
+    # The block loops take 16 values per step: fewer than 16 in all go through a padded row,
+    # and a last step that 16 does not divide overlaps the step before. Lengths 1..80 with
+    # blocks of 64 give every remainder, alone and after whole steps and whole blocks.
+    codebook = create_codebook("dynamic", signed=True)
+    gen = torch.Generator().manual_seed(5)
+    for n in range(1, 81):
+        x = (torch.randn(n, generator=gen) * 3).to(dtype)
+        assert_identical(x, codebook, 64)
+        codes, absmax = torch.empty(n, dtype=torch.uint8), torch.empty((n + 63) // 64)
+        _torch.quantize(x.float(), codes, absmax, codebook, 64)
+        ours, theirs = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        _native.dequantize(codes, absmax, codebook, 64, ours)
+        _torch.dequantize(codes, absmax, codebook, 64, theirs)
+        assert torch.equal(ours, theirs), n
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_codebook_with_two_thresholds_in_one_bin_uses_the_linear_search(torch_threads,
                                                                           threads):
