@@ -192,8 +192,8 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
     for args, batch in _batches(params, grads, states, extras, block_size=block_size,
                                 stochastic=bf16_stochastic_rounding):
         count = quant_native.parts(int(args[1][-1]), int(args[0][:, kernels.NUMEL].sum()))
-        common = (h, g_sign, *args[:3], _scratch(count, block_size), *args[3:], *books[:2],
-                  *map(quant_native.address, books[2:4]), *books[4:], block_size)
+        common = (h, g_sign, *args[:3], _scratch(count, block_size).ctypes.data, *args[3:],
+                  *map(quant_native.address, books[:4]), *books[4:], block_size)
         p_dtype, g_dtype = batch.dtypes
         kernel = kernels.update_part(type(h), p_dtype != torch.float32, g_dtype != torch.float32)
         quant_native.run_parts(kernel, count, *common)

@@ -43,7 +43,8 @@ from ..quant._intrinsics import (
     stochastic_bf16,
     umax,
 )
-from ..quant._numba import address, block_range, inline, part_blocks, part_kernel
+from ..quant._native import TABLE_ENTRIES
+from ..quant._numba import block_range, inline, part_blocks, part_kernel
 from ..quant._vbmi import PLANES_BYTES, SEARCH_BYTES
 
 F32 = np.float32
@@ -270,16 +271,18 @@ def locate(b, tensor, block_starts):
 def update_part(record: type, p_half: bool, g_half: bool):
     """The kernel of one step of the rule and variant of ``record`` (a hyperparameter class),
     for fp32 or half-precision (``p_half``, ``g_half``) parameters and gradients:
-    ``kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_fmt, g_fmt,
-    codebooks, tables, planes_at, searches_at, zero_codes, nonnegative, block_size)`` does part
-    ``part`` of ``parts`` of it over every block of the table. Half-precision elements are
-    uint16 bits in format ``p_fmt`` / ``g_fmt`` (fp16 or bf16).
+    ``kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch_at, p_fmt,
+    g_fmt, codebooks_at, tables_at, planes_at, searches_at, zero_codes, nonnegative,
+    block_size)`` does part ``part`` of ``parts`` of it over every block of the table.
+    Half-precision elements are uint16 bits in format ``p_fmt`` / ``g_fmt`` (fp16 or bf16).
 
-    State k's codebook is ``codebooks[k]``, its nearest-code table ``tables[k]``, its VBMI
-    tables at ``planes_at`` and ``searches_at`` (addresses of three stacked tables each, or
-    ``None``: the portable decode or encode, compiled without the VBMI one), its code of zero
-    ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)).
-    ``scratch[part]``: three fp32 blocks.
+    The ``*_at`` arguments are addresses of tables stacked over the three state slots: state
+    k's codebook (256 fp32), its nearest-code table (:data:`~eightbit.quant._native.TABLE_ENTRIES`
+    uint32), its VBMI tables (or ``None``: the portable decode and encode, compiled without the
+    VBMI ones); ``scratch_at``: three fp32 blocks per part. State k's code of zero is
+    ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)). (Addresses,
+    not arrays: the kernel reads these only through pointers, and each array argument costs
+    the kernel's Python wrapper an unboxing to compile and to run.)
 
     One generic driver, built per variant: the family, its flags, the state slots it uses and
     the element formats are closure constants of the kernel (numba's cache keys on them), so
@@ -297,15 +300,14 @@ def update_part(record: type, p_half: bool, g_half: bool):
     p_type, g_type = (np.uint16 if half else np.float32 for half in (p_half, g_half))
 
     @part_kernel
-    def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch, p_fmt, g_fmt,
-               codebooks, tables, planes_at, searches_at, zero_codes, nonnegative, block_size):
-        # element access through typed pointers (addresses taken once per part: see the note
-        # above quant._numba.address); scratch rows s0..s2 hold the block's states
-        s_at = address(scratch[part])
+    def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch_at, p_fmt,
+               g_fmt, codebooks_at, tables_at, planes_at, searches_at, zero_codes, nonnegative,
+               block_size):
+        # element access through typed pointers; scratch rows s0..s2 hold the block's states
+        s_at = scratch_at + 12 * block_size * part
         s0 = pointer(s_at, np.float32)
         s1, s2 = pointer(s_at + 4 * block_size, np.float32), \
             pointer(s_at + 8 * block_size, np.float32)
-        codebooks_at, tables_at = address(codebooks), address(tables)
         first, last = part_blocks(part, parts, block_starts[-1])
         t = np.int64(0)
         for b in range(first, last):
@@ -379,7 +381,7 @@ def update_part(record: type, p_half: bool, g_half: bool):
                                  tensors[t, STATES + 2 * k] + np.int64(start),
                                  np.int64(end - start), mag,
                                  tensors[t, STATES + 2 * k + 1] + 4 * np.int64(lb),
-                                 tables_at + 4 * tables.shape[1] * k,
+                                 tables_at + 4 * TABLE_ENTRIES * k,
                                  offset(searches_at, SEARCH_BYTES * k), zero_codes[k],
                                  nonnegative[k])
 

@@ -341,6 +341,10 @@ def vbmi_tables(t: CodeTable) -> tuple[np.ndarray | None, np.ndarray | None]:
     return _vbmi.tables(t.codebook, t.mids)
 
 
+# entries of a portable nearest-code table (indexed by the top 16 bits of an fp32 value)
+TABLE_ENTRIES = 1 << 16
+
+
 @functools.lru_cache(maxsize=16)
 def _code_table(codebook_bytes: bytes) -> CodeTable:
     codebook = aligned(np.frombuffer(codebook_bytes, dtype=np.float32))
@@ -364,7 +368,7 @@ def _code_table(codebook_bytes: bytes) -> CodeTable:
     entries = (lo.astype(np.uint32) << np.uint32(16)) + below
     # indexed by the top 16 bits of y: positive bins at k, negative ones at 0x8000 + k; the
     # entries for |y| > 1 (inf and NaN included) are never used but keep every lookup in bounds
-    table = np.zeros(1 << 16, dtype=np.uint32)
+    table = np.zeros(TABLE_ENTRIES, dtype=np.uint32)
     table[: k.size], table[0x8000 : 0x8000 + k.size] = entries[: k.size], entries[k.size :]
     return CodeTable(aligned(table), zero_code, thresholds, codebook, mids)
 
