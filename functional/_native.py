@@ -192,7 +192,9 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
     for args, batch in _batches(params, grads, states, extras, block_size=block_size,
                                 stochastic=bf16_stochastic_rounding):
         count = quant_native.parts(int(args[1][-1]), int(args[0][:, kernels.NUMEL].sum()))
-        common = (h, g_sign, *args[:3], _scratch(count, block_size).ctypes.data, *args[3:],
+        tensors, block_starts, per_tensor = args[:3]
+        common = (h, g_sign, tensors.ctypes.data, block_starts.ctypes.data, int(block_starts[-1]),
+                  per_tensor.ctypes.data, _scratch(count, block_size).ctypes.data, *args[3:],
                   *map(quant_native.address, books[:4]), *books[4:], block_size)
         p_dtype, g_dtype = batch.dtypes
         kernel = kernels.update_part(type(h), p_dtype != torch.float32, g_dtype != torch.float32)

@@ -252,10 +252,11 @@ def slots_of(record: type) -> tuple[bool, bool, bool]:
     return _rule_of(record)[2](record)
 
 
-# The tensor table: one int64 row per parameter; state k's codes and absmax addresses at
-# STATES + 2k and STATES + 2k + 1 (0 for a state that is off). ``block_starts[t]`` is the first
-# block of parameter t in the sequence of all parameters' blocks (its last entry the total).
+# The tensor table: one int64 row of COLUMNS per parameter; state k's codes and absmax
+# addresses at STATES + 2k and STATES + 2k + 1 (0 for a state that is off). ``block_starts[t]``
+# is the first block of parameter t in the sequence of all parameters' blocks.
 P, G, NUMEL, SEED, STATES = 0, 1, 2, 3, 4
+COLUMNS = STATES + 6
 INF_BITS, NO_BITS = uint32(NONFINITE_BITS), uint32(0)
 
 
@@ -271,18 +272,22 @@ def locate(b, tensor, block_starts):
 def update_part(record: type, p_half: bool, g_half: bool):
     """The kernel of one step of the rule and variant of ``record`` (a hyperparameter class),
     for fp32 or half-precision (``p_half``, ``g_half``) parameters and gradients:
-    ``kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch_at, p_fmt,
-    g_fmt, codebooks_at, tables_at, planes_at, searches_at, zero_codes, nonnegative,
-    block_size)`` does part ``part`` of ``parts`` of it over every block of the table.
-    Half-precision elements are uint16 bits in format ``p_fmt`` / ``g_fmt`` (fp16 or bf16).
+    ``kernel(part, parts, h, g_sign, tensors_at, block_starts_at, blocks, per_tensor_at,
+    scratch_at, p_fmt, g_fmt, codebooks_at, tables_at, planes_at, searches_at, zero_codes,
+    nonnegative, block_size)`` does part ``part`` of ``parts`` of it over the ``blocks``
+    blocks of the tensor table. Half-precision elements are uint16 bits in format ``p_fmt`` /
+    ``g_fmt`` (fp16 or bf16).
 
-    The ``*_at`` arguments are addresses of tables stacked over the three state slots: state
-    k's codebook (256 fp32), its nearest-code table (:data:`~eightbit.quant._native.TABLE_ENTRIES`
-    uint32), its VBMI tables (or ``None``: the portable decode and encode, compiled without the
-    VBMI ones); ``scratch_at``: three fp32 blocks per part. State k's code of zero is
+    The ``*_at`` arguments are addresses: the tensor table (int64, :data:`COLUMNS` per
+    parameter), the first block of each parameter (int64), the per-parameter values ``e0, e1``
+    of the rule (fp32 pairs), three fp32 scratch blocks per part, and tables stacked over the
+    three state slots: state k's codebook (256 fp32), its nearest-code table
+    (:data:`~eightbit.quant._native.TABLE_ENTRIES` uint32), its VBMI tables (or ``None``: the
+    portable decode and encode, compiled without the VBMI ones). State k's code of zero is
     ``zero_codes[k]``; ``nonnegative[k]``: it is on the unsigned map (rule (b)). (Addresses,
-    not arrays: the kernel reads these only through pointers, and each array argument costs
-    the kernel's Python wrapper an unboxing to compile and to run.)
+    not arrays: the kernel reads these through pointers, and an array argument costs the
+    kernel's Python wrapper an unboxing to compile and to run, and the kernel the indexing
+    code of a numba array.)
 
     One generic driver, built per variant: the family, its flags, the state slots it uses and
     the element formats are closure constants of the kernel (numba's cache keys on them), so
@@ -300,26 +305,29 @@ def update_part(record: type, p_half: bool, g_half: bool):
     p_type, g_type = (np.uint16 if half else np.float32 for half in (p_half, g_half))
 
     @part_kernel
-    def kernel(part, parts, h, g_sign, tensors, block_starts, per_tensor, scratch_at, p_fmt,
-               g_fmt, codebooks_at, tables_at, planes_at, searches_at, zero_codes, nonnegative,
-               block_size):
+    def kernel(part, parts, h, g_sign, tensors_at, block_starts_at, blocks, per_tensor_at,
+               scratch_at, p_fmt, g_fmt, codebooks_at, tables_at, planes_at, searches_at,
+               zero_codes, nonnegative, block_size):
         # element access through typed pointers; scratch rows s0..s2 hold the block's states
         s_at = scratch_at + 12 * block_size * part
         s0 = pointer(s_at, np.float32)
         s1, s2 = pointer(s_at + 4 * block_size, np.float32), \
             pointer(s_at + 8 * block_size, np.float32)
-        first, last = part_blocks(part, parts, block_starts[-1])
+        block_starts = pointer(block_starts_at, np.int64)
+        per_tensor = pointer(per_tensor_at, np.float32)
+        first, last = part_blocks(part, parts, blocks)
         t = np.int64(0)
         for b in range(first, last):
             t = locate(b, t, block_starts)
-            p, g = pointer(tensors[t, P], p_type), pointer(tensors[t, G], g_type)
-            e0, e1, seed = per_tensor[t, 0], per_tensor[t, 1], tensors[t, SEED]
+            row = pointer(tensors_at + 8 * COLUMNS * t, np.int64)
+            p, g = pointer(row[P], p_type), pointer(row[G], g_type)
+            e0, e1, seed = per_tensor[2 * t], per_tensor[2 * t + 1], row[SEED]
             lb = b - block_starts[t]
-            start, end = block_range(lb, block_size, tensors[t, NUMEL])
+            start, end = block_range(lb, block_size, row[NUMEL])
             for k in range(3):
-                if tensors[t, STATES + 2 * k] != 0:
-                    absmax = pointer(tensors[t, STATES + 2 * k + 1], np.float32)
-                    decode_run(tensors[t, STATES + 2 * k] + np.int64(start),
+                if row[STATES + 2 * k] != 0:
+                    absmax = pointer(row[STATES + 2 * k + 1], np.float32)
+                    decode_run(row[STATES + 2 * k] + np.int64(start),
                                np.int64(end - start), codebooks_at + 1024 * k,
                                offset(planes_at, PLANES_BYTES * k), absmax[lb],
                                s_at + 4 * block_size * k)
@@ -375,12 +383,12 @@ def update_part(record: type, p_half: bool, g_half: bool):
                         mag1 = umax(mag1, abs_bits(c))
                         mag2 = umax(mag2, abs_bits(d))
             for k in range(3):
-                if tensors[t, STATES + 2 * k] != 0:
+                if row[STATES + 2 * k] != 0:
                     mag = mag0 if k == 0 else mag1 if k == 1 else mag2
                     encode_block(s_at + 4 * block_size * k,
-                                 tensors[t, STATES + 2 * k] + np.int64(start),
+                                 row[STATES + 2 * k] + np.int64(start),
                                  np.int64(end - start), mag,
-                                 tensors[t, STATES + 2 * k + 1] + 4 * np.int64(lb),
+                                 row[STATES + 2 * k + 1] + 4 * np.int64(lb),
                                  tables_at + 4 * TABLE_ENTRIES * k,
                                  offset(searches_at, SEARCH_BYTES * k), zero_codes[k],
                                  nonnegative[k])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 import subprocess
 import sys
@@ -287,17 +288,28 @@ def test_each_path_compiles_only_its_own_search(monkeypatch):
         check_step(row, p, states, torch.randn(3000, generator=gen), monkeypatch)
         monkeypatch.setenv(quant_native.ENV, "auto")  # (check_step ends on the torch path)
         quantize_blockwise(torch.randn(3000), block_size=BLOCK)
-        # (planes, searches) of the update; search of quantize (update_part's and
-        # quantize_part's arguments after (part, parts))
+        # (planes, searches) of the update; search of quantize, found by parameter name
         adam_f32 = kernels.update_part(kernels.AdamHyper, False, False)
-        update = [args[10:12] for kernel, args in calls if kernel is adam_f32]
-        quantize = [args[5:6] for kernel, args in calls if kernel is quant_kernels.quantize_part]
+        tables_of_update = _positions(adam_f32, "planes_at", "searches_at")
+        tables_of_quantize = _positions(quant_kernels.quantize_part, "search_at")
+        update = [[args[i - 2] for i in tables_of_update] for kernel, args in calls
+                  if kernel is adam_f32]  # (args: after part and parts)
+        quantize = [[args[i - 2] for i in tables_of_quantize] for kernel, args in calls
+                    if kernel is quant_kernels.quantize_part]
         assert len(update) == 1 and len(quantize) >= 1
         for tables in update + quantize:
             assert all((t is None) if path == "portable" else isinstance(t, int) for t in tables)
         expected = "none" if path == "portable" else "int64"
-        assert any(str(s[12]) == str(s[13]) == expected for s in adam_f32.signatures)
-        assert any(str(s[7]) == expected for s in quant_kernels.quantize_part.signatures)
+        assert any(all(str(s[i]) == expected for i in tables_of_update)
+                   for s in adam_f32.signatures)
+        assert any(all(str(s[i]) == expected for i in tables_of_quantize)
+                   for s in quant_kernels.quantize_part.signatures)
+
+
+def _positions(kernel, *names: str) -> list[int]:
+    """The positions of a kernel's parameters ``names``."""
+    parameters = list(inspect.signature(kernel.py_func).parameters)
+    return [parameters.index(name) for name in names]
 
 
 @pytest.mark.parametrize("row", rows("adam-l2-amsgrad", "rmsprop-centered-momentum-maximize",
