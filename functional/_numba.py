@@ -44,7 +44,7 @@ from ..quant._intrinsics import (
     umax,
 )
 from ..quant._native import TABLE_ENTRIES
-from ..quant._numba import block_range, inline, part_blocks, part_kernel
+from ..quant._numba import inline, part_blocks, part_kernel
 from ..quant._vbmi import PLANES_BYTES, SEARCH_BYTES
 
 F32 = np.float32
@@ -323,12 +323,12 @@ def update_part(record: type, p_half: bool, g_half: bool):
             p, g = pointer(row[P], p_type), pointer(row[G], g_type)
             e0, e1, seed = per_tensor[2 * t], per_tensor[2 * t + 1], row[SEED]
             lb = b - block_starts[t]
-            start, end = block_range(lb, block_size, row[NUMEL])
+            start = lb * block_size
+            end = min(start + block_size, row[NUMEL])
             for k in range(3):
                 if row[STATES + 2 * k] != 0:
                     absmax = pointer(row[STATES + 2 * k + 1], np.float32)
-                    decode_run(row[STATES + 2 * k] + np.int64(start),
-                               np.int64(end - start), codebooks_at + 1024 * k,
+                    decode_run(row[STATES + 2 * k] + start, end - start, codebooks_at + 1024 * k,
                                offset(planes_at, PLANES_BYTES * k), absmax[lb],
                                s_at + 4 * block_size * k)
             mag0 = mag1 = mag2 = NO_BITS
@@ -386,9 +386,8 @@ def update_part(record: type, p_half: bool, g_half: bool):
                 if row[STATES + 2 * k] != 0:
                     mag = mag0 if k == 0 else mag1 if k == 1 else mag2
                     encode_block(s_at + 4 * block_size * k,
-                                 row[STATES + 2 * k] + np.int64(start),
-                                 np.int64(end - start), mag,
-                                 row[STATES + 2 * k + 1] + 4 * np.int64(lb),
+                                 row[STATES + 2 * k] + start, end - start, mag,
+                                 row[STATES + 2 * k + 1] + 4 * lb,
                                  tables_at + 4 * TABLE_ENTRIES * k,
                                  offset(searches_at, SEARCH_BYTES * k), zero_codes[k],
                                  nonnegative[k])
