@@ -219,18 +219,12 @@ def offset(typingctx, address, n):
 
 @intrinsic
 def pointer(typingctx, address, like):
-    """A typed pointer to integer ``address``, of dtype ``like`` (a numpy scalar type such as
-    ``np.float32``, or an array whose dtype is taken), for ``numba.carray(pointer(...), n)``:
-    the kernels take many tensors as a table of addresses."""
-    if isinstance(like, types.Array):
-        dtype = like.dtype
-    elif isinstance(like, types.NumberClass):
-        dtype = like.instance_type
-    else:
+    """A typed pointer to integer ``address`` of numpy scalar type ``like`` (``np.float32``...):
+    ``pointer(at, np.float32)[i]`` reads and writes element ``i`` with no array to unbox or
+    index (the optimizer kernel takes its tensors as a table of addresses)."""
+    if not (isinstance(like, types.NumberClass) and isinstance(address, types.Integer)):
         return None
-    if not isinstance(address, types.Integer):
-        return None
-    ptr_type = types.CPointer(dtype)
+    ptr_type = types.CPointer(like.instance_type)
 
     def codegen(context, builder, sig, args):
         return builder.inttoptr(args[0], context.get_value_type(ptr_type))

@@ -25,7 +25,7 @@ from ._native import set_cache_dir
 set_cache_dir()  # before numba is first imported (EIGHTBIT_CACHE_DIR)
 
 import numpy as np  # noqa: E402
-from numba import carray, njit, types, uint32, uint64  # noqa: E402
+from numba import njit, types, uint32, uint64  # noqa: E402
 from numba.extending import overload  # noqa: E402
 
 from ._intrinsics import (  # noqa: E402
@@ -37,7 +37,6 @@ from ._intrinsics import (  # noqa: E402
     encode_block,
     f32_to_half,
     half_to_f32,
-    pointer,
     prefetch,
     umax,
 )
@@ -89,12 +88,6 @@ def _store(x, i, value, fmt):
         x[i] = np.uint16(f32_to_half(value, fmt))
 
     return impl
-
-
-@inline
-def view(address, n, like):
-    """The 1-D array of ``n`` elements at integer ``address`` (dtype of ``like``)."""
-    return carray(pointer(address, like), np.int64(n))  # one carray compile per dtype
 
 
 @inline
