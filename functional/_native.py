@@ -125,10 +125,10 @@ def _formats(p_dtype: torch.dtype, g_dtype: torch.dtype) -> tuple[int, int]:
             quant_native.as_array(torch.empty(0, dtype=g_dtype))[1])
 
 
-def _scratch(count: int, block_size: int) -> np.ndarray:
-    """Three fp32 blocks per part: this thread's kernel scratch (``quant._native.scratch``,
-    kept between calls and cache-line aligned), viewed as ``(count, 3, block_size)``."""
-    return quant_native.scratch(3 * count, block_size)[: 3 * count].reshape(count, 3, block_size)
+def _scratch(count: int, block_size: int) -> int:
+    """The address of three fp32 blocks per part, ``count`` parts in a row: this thread's
+    kernel scratch (``quant._native.scratch``, kept between calls and cache-line aligned)."""
+    return quant_native.scratch(3 * count, block_size).ctypes.data
 
 
 def _books(states):
@@ -191,10 +191,11 @@ def _run(h, params, grads, states, extras, *, maximize, block_size, bf16_stochas
     g_sign = _f32(-1.0 if maximize else 1.0)
     for args, batch in _batches(params, grads, states, extras, block_size=block_size,
                                 stochastic=bf16_stochastic_rounding):
-        count = quant_native.parts(int(args[1][-1]), int(args[0][:, kernels.NUMEL].sum()))
         tensors, block_starts, per_tensor = args[:3]
-        common = (h, g_sign, tensors.ctypes.data, block_starts.ctypes.data, int(block_starts[-1]),
-                  per_tensor.ctypes.data, _scratch(count, block_size).ctypes.data, *args[3:],
+        blocks = int(block_starts[-1])
+        count = quant_native.parts(blocks, int(tensors[:, kernels.NUMEL].sum()))
+        common = (h, g_sign, tensors.ctypes.data, block_starts.ctypes.data, blocks,
+                  per_tensor.ctypes.data, _scratch(count, block_size), *args[3:],
                   *map(quant_native.address, books[:4]), *books[4:], block_size)
         p_dtype, g_dtype = batch.dtypes
         kernel = kernels.update_part(type(h), p_dtype != torch.float32, g_dtype != torch.float32)

@@ -323,6 +323,8 @@ def update_part(record: type, p_half: bool, g_half: bool):
             p, g = pointer(row[P], p_type), pointer(row[G], g_type)
             e0, e1, seed = per_tensor[2 * t], per_tensor[2 * t + 1], row[SEED]
             lb = b - block_starts[t]
+            # (int64, not quant._numba.block_range's unsigned range: pointers, unlike numba
+            # arrays, have no negative-index check to avoid)
             start = lb * block_size
             end = min(start + block_size, row[NUMEL])
             for k in range(3):

@@ -451,9 +451,9 @@ def _steps16(builder, start, count, source, source_size, target, target_size, bo
     def c(v):
         return ir.Constant(i64, v)
 
-    rows = [ir.ArrayType(ir.IntType(8), 16 * size) for size in (source_size, target_size)]
     with b.goto_entry_block():  # (an alloca in the loop would grow the stack each block)
-        rows = [b.alloca(row) for row in rows]
+        rows = [b.alloca(ir.ArrayType(ir.IntType(8), 16 * size))
+                for size in (source_size, target_size)]
     row_in, row_out = (b.ptrtoint(row, i64) for row in rows)
     small = b.icmp_unsigned("<", count, c(16))
     with b.if_then(small):
