@@ -159,12 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         through = throughput.measure(args.throughput_size, reps=args.reps, min_reps=3,
                                      budget_s=args.budget / 2, log=_log,
                                      families={c.family for c in contenders})
-    first_use = {}
-    if not args.quick and any(c.family == "eightbit" and not c.missing for c in contenders):
-        _log("\nfirst use of the fused CPU kernels, fresh processes (empty cache -> cached)")
-        first_use = bench_native.compile_times()
-        for name, row in first_use.items():
-            _log(f"  {name}: {row['cold']['first use']:.2f} s -> {row['warm']['first use']:.2f} s")
+    # memory before first use: the first-use compiles run in full, and took the time limit's
+    # share that the peak-memory subprocesses are given
     memory_numel = args.memory_size if args.memory_size in args.sizes else max(args.sizes)
     if 1 not in args.layouts:
         memory_numel = None
@@ -174,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [c.name for c in contenders if not c.missing and not c.twin]  # twins: same state
         peaks = memory.measure(names, memory_numel, log=_log,
                                deadline=started + args.time_limit)
+    first_use = {}
+    if not args.quick and any(c.family == "eightbit" and not c.missing for c in contenders):
+        _log("\nfirst use of the fused CPU kernels, fresh processes (empty cache -> cached)")
+        first_use = bench_native.compile_times()
+        for name, row in first_use.items():
+            _log(f"  {name}: {row['cold']['first use']:.2f} s -> {row['warm']['first use']:.2f} s")
     elapsed = time.perf_counter() - started
     tables = {
         "step": report.step_table(results, min_steps=MIN_STEPS),

@@ -142,7 +142,8 @@ def results_section(tables: dict, info: dict) -> str:
                   "first call compiles (numba, then cached on disk), three times, the median "
                   "shown with every run; then a fresh process that loads it. "
                   "Each kernel compiles on its own (they share no compiled helper); numba's "
-                  "own start-up (~0.3 s) is paid once per process, by the first kernel.",
+                  "own start-up (~0.5 s on the Zen 3 VM) is paid once per process, by the first "
+                  "kernel.",
                   markdown(tables["first use"])]
     parts += ["### Targets of the fused CPU paths",
               "Issue 21's targets are for the portable path; the VBMI path, where timed, is shown "
